@@ -1,4 +1,4 @@
-"""What an engine tells the worker (``EngineConfig``) and how the worker is set up (``WorkerConfig``).
+"""What an engine tells the worker (``EngineConfig``) and how it is set up (``WorkerConfig``).
 
 ``from_args`` returns a ``WorkerConfig`` built from the shared CLI flags and
 environment variables (``args.py``); ``start()`` returns an ``EngineConfig``
@@ -10,7 +10,7 @@ means "not advertised".
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from .errors import invalid_arg
@@ -18,7 +18,7 @@ from .errors import invalid_arg
 __all__ = ["DisaggregationMode", "EngineConfig", "WorkerConfig"]
 
 
-class DisaggregationMode(str, Enum):
+class DisaggregationMode(StrEnum):
     AGGREGATED = "agg"
     PREFILL = "prefill"
     DECODE = "decode"
@@ -107,7 +107,9 @@ class WorkerConfig:
                 f"unknown discovery backend '{self.discovery_backend}' (expected etcd or file)"
             )
         if self.request_plane not in ("tcp", "nats"):
-            raise invalid_arg(f"unknown request plane '{self.request_plane}' (expected tcp or nats)")
+            raise invalid_arg(
+                f"unknown request plane '{self.request_plane}' (expected tcp or nats)"
+            )
 
     @property
     def public_name(self) -> str:

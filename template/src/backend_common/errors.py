@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from enum import Enum
+from enum import StrEnum
 
 __all__ = [
     "BackendError",
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-class ErrorType(str, Enum):
+class ErrorType(StrEnum):
     """Top-level categories. Engines use ``Backend``; the rest are for framework paths."""
 
     InvalidArgument = "InvalidArgument"
@@ -51,7 +51,7 @@ class ErrorType(str, Enum):
     Unknown = "Unknown"
 
 
-class BackendError(str, Enum):
+class BackendError(StrEnum):
     """The nested category of ``ErrorType.Backend``."""
 
     Unknown = "Unknown"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -37,6 +37,17 @@ __all__ = [
     "run_conformance",
     "standard_request",
 ]
+
+_NO_CHUNKS = (
+    "generate() stream yielded no chunks (yield at least one item; the last one must have "
+    "finish_reason set)"
+)
+_NO_TERMINAL = (
+    "stream ended without a terminal chunk (end every stream with exactly one item that has "
+    "finish_reason set: LLMEngineOutput.length() / .stop() / .eos(), optionally "
+    ".with_tokens([...]) and .with_usage(usage(prompt, completion)))"
+)
+_STREAM_ERR = "(a normal request must neither raise nor end with LLMEngineOutput.error())"
 
 CANCEL_DEADLINE_S = 2.0
 CONCURRENT = 8
@@ -92,7 +103,31 @@ async def _maybe_await(value: Any) -> Any:
 
 
 def _rank_set(sources: list[Any]) -> list[int]:
-    return sorted(int(getattr(s, "dp_rank", 0) or 0) for s in sources)
+    # A source is an object with a ``dp_rank`` attribute or a mapping with that key.
+    def rank(source: Any) -> int:
+        value = (
+            source.get("dp_rank") if isinstance(source, Mapping) else getattr(source, "dp_rank", 0)
+        )
+        return int(value or 0)
+
+    return sorted(rank(s) for s in sources)
+
+
+def _open_stream(
+    engine: LLMEngine, request: PreprocessedRequest, ctx: GenerateContext
+) -> AsyncIterator[LLMEngineOutput]:
+    """Call ``generate``; a result that cannot be iterated is a GenerateFailed, said plainly."""
+    stream = engine.generate(request, ctx)
+    if not hasattr(stream, "__anext__"):
+        if inspect.iscoroutine(stream):
+            stream.close()  # never awaited: close it so no "never awaited" warning leaks
+        raise ConformanceError(
+            "GenerateFailed",
+            "generate() failed: it must return an async iterator of LLMEngineOutput (write it as "
+            f"an async generator: `async def generate(...)` that uses `yield`); got "
+            f"{type(stream).__name__}",
+        )
+    return stream
 
 
 def _metric_names(registry: CollectorRegistry) -> set[str]:
@@ -113,10 +148,10 @@ class _Outcome:
 async def _drain(engine: LLMEngine, request: PreprocessedRequest, ctx: GenerateContext) -> _Outcome:
     out = _Outcome()
     try:
-        stream = engine.generate(request, ctx)
+        stream = _open_stream(engine, request, ctx)
         async for item in validated(stream):
             out.items.append(item)
-    except ContractViolation:
+    except (ContractViolation, ConformanceError):
         raise
     except Exception as exc:  # noqa: BLE001 - any engine error is an outcome to classify
         out.error = exc
@@ -141,21 +176,26 @@ async def _check_single(engine: LLMEngine, model: str) -> None:
             raise ConformanceError(
                 "ChunkAfterTerminal", f"chunk yielded after terminal chunk ({S1_MESSAGE})"
             ) from exc
-        raise ConformanceError("StreamYieldedError", f"engine stream yielded Err: {exc}") from exc
+        raise ConformanceError(
+            "StreamYieldedError", f"engine stream yielded Err: {exc} {_STREAM_ERR}"
+        ) from exc
     if out.error is not None and out.error_before_first:
         raise ConformanceError("GenerateFailed", f"generate() failed: {out.error}")
     if not out.items and out.error is None:
-        raise ConformanceError("NoChunksYielded", "generate() stream yielded no chunks")
+        raise ConformanceError("NoChunksYielded", _NO_CHUNKS)
     if out.error is not None:
-        raise ConformanceError("StreamYieldedError", f"engine stream yielded Err: {out.error}")
+        raise ConformanceError(
+            "StreamYieldedError", f"engine stream yielded Err: {out.error} {_STREAM_ERR}"
+        )
     for item in out.items:
         if item.finish_reason is FinishReason.ERROR:
             raise ConformanceError(
-                "StreamYieldedError", f"engine stream yielded Err: {item.error_message}"
+                "StreamYieldedError",
+                f"engine stream yielded Err: {item.error_message} {_STREAM_ERR}",
             )
     terminals = [i for i, item in enumerate(out.items) if item.finish_reason is not None]
     if not terminals:
-        raise ConformanceError("NoTerminalChunk", "stream ended without a terminal chunk")
+        raise ConformanceError("NoTerminalChunk", _NO_TERMINAL)
     if len(terminals) > 1 or terminals[0] != len(out.items) - 1:
         raise ConformanceError("ChunkAfterTerminal", "chunk yielded after terminal chunk")
     terminal = out.items[-1]
@@ -187,7 +227,9 @@ async def _check_concurrent(engine: LLMEngine, model: str) -> None:
     for result in results:
         if isinstance(result, BaseException):
             raise ConformanceError(
-                "ConcurrentGenerateFailed", f"concurrent generate() calls failed: {result}"
+                "ConcurrentGenerateFailed",
+                f"concurrent generate() calls failed: {result} (after start() returns, the engine "
+                f"must serve {CONCURRENT} generate() calls at once)",
             )
 
 
@@ -197,7 +239,7 @@ async def _check_cancellation(engine: LLMEngine, model: str) -> None:
     out = _Outcome()
 
     async def consume() -> None:
-        stream = engine.generate(request, ctx)
+        stream = _open_stream(engine, request, ctx)
         # Cancel before the first poll: no tokens are expected, and no timer race.
         ctx.stop_generating()
         try:
@@ -221,9 +263,11 @@ async def _check_cancellation(engine: LLMEngine, model: str) -> None:
             "(poll ctx.is_stopped() between yields, or race your work against ctx.stopped())",
         ) from exc
     if out.error is not None:
-        raise ConformanceError("StreamYieldedError", f"engine stream yielded Err: {out.error}")
+        raise ConformanceError(
+            "StreamYieldedError", f"engine stream yielded Err: {out.error} {_STREAM_ERR}"
+        )
     if not out.items:
-        raise ConformanceError("NoChunksYielded", "generate() stream yielded no chunks")
+        raise ConformanceError("NoChunksYielded", _NO_CHUNKS)
     if out.items[-1].finish_reason is not FinishReason.CANCELLED:
         raise ConformanceError(
             "CancellationIgnored",
@@ -233,7 +277,10 @@ async def _check_cancellation(engine: LLMEngine, model: str) -> None:
 
 
 async def run_conformance(factory: EngineFactory) -> None:
-    """Run every check of contract section 4.2 in order; raise ``ConformanceError`` on the first failure."""
+    """Run every check of contract section 4.2 in order.
+
+    Raises ``ConformanceError`` on the first failure; its ``kind`` names the check.
+    """
     engine: LLMEngine = await _maybe_await(factory())
     cleaned = False
     try:
@@ -245,7 +292,11 @@ async def run_conformance(factory: EngineFactory) -> None:
             raise ConformanceError("StartFailed", f"start() failed: {exc}") from exc
         model = getattr(config, "model", "") or ""
         if not model:
-            raise ConformanceError("EmptyModelInConfig", "EngineConfig.model is empty")
+            raise ConformanceError(
+                "EmptyModelInConfig",
+                "EngineConfig.model is empty (start() must return EngineConfig(model=...) with the "
+                "canonical, non-empty model id)",
+            )
 
         ranks = []
         for _ in range(2):
@@ -275,7 +326,9 @@ async def run_conformance(factory: EngineFactory) -> None:
             except ConformanceError:
                 raise
             except Exception as exc:
-                raise ConformanceError("SetupMetricsFailed", f"setup_metrics() failed: {exc}") from exc
+                raise ConformanceError(
+                    "SetupMetricsFailed", f"setup_metrics() failed: {exc}"
+                ) from exc
             names.append(_metric_names(registry))
         if names[0] != names[1]:
             raise ConformanceError(

@@ -15,8 +15,8 @@ frontend and an item encoded for it need no translation layer.
 
 from __future__ import annotations
 
-from enum import Enum
-from typing import Any
+from enum import StrEnum
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,8 +37,14 @@ __all__ = [
 
 U32_MAX = 2**32 - 1
 
+# Integer and bool wire fields are strict, like Dynamo's serde types: "1", 1.0, true
+# or -1 for a token id is a client error (ValidationError -> InvalidArgument), not a
+# value to coerce and hand to an engine that would index a vocabulary with it.
+U32 = Annotated[int, Field(strict=True, ge=0, le=U32_MAX)]
+StrictBool = Annotated[bool, Field(strict=True)]
 
-class FinishReason(str, Enum):
+
+class FinishReason(StrEnum):
     """Why a stream ended. Wire strings are Dynamo's serde names."""
 
     EOS = "eos"
@@ -78,14 +84,14 @@ class GuidedDecodingOptions(_Lenient):
 
 
 class StopConditions(_Lenient):
-    max_tokens: int | None = None
+    max_tokens: U32 | None = None
     stop: list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    stop_token_ids_visible: list[int] | None = None
-    stop_token_ids_hidden: list[int] | None = None
-    min_tokens: int | None = None
-    ignore_eos: bool | None = None
-    max_thinking_tokens: int | None = None
+    stop_token_ids: list[U32] | None = None
+    stop_token_ids_visible: list[U32] | None = None
+    stop_token_ids_hidden: list[U32] | None = None
+    min_tokens: U32 | None = None
+    ignore_eos: StrictBool | None = None
+    max_thinking_tokens: U32 | None = None
 
 
 class SamplingOptions(_Lenient):
@@ -106,20 +112,20 @@ class SamplingOptions(_Lenient):
 
 
 class OutputOptions(_Lenient):
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
-    skip_special_tokens: bool | None = None
-    formatted_prompt: bool | None = None
-    return_tokens_as_token_ids: bool | None = None
+    logprobs: U32 | None = None
+    prompt_logprobs: U32 | None = None
+    skip_special_tokens: StrictBool | None = None
+    formatted_prompt: StrictBool | None = None
+    return_tokens_as_token_ids: StrictBool | None = None
 
 
 class RoutingHints(_Lenient):
     backend_instance_id: int | None = None
     prefill_worker_id: int | None = None
     decode_worker_id: int | None = None
-    dp_rank: int | None = None
-    prefill_dp_rank: int | None = None
-    expected_output_tokens: int | None = None
+    dp_rank: U32 | None = None
+    prefill_dp_rank: U32 | None = None
+    expected_output_tokens: U32 | None = None
     lora_name: str | None = None
     cache_salt: str | None = None
 
@@ -145,19 +151,21 @@ class PreprocessedRequest(_Lenient):
     """
 
     model: str = ""
-    token_ids: list[int]
+    token_ids: list[U32]
     stop_conditions: StopConditions = Field(default_factory=StopConditions)
     sampling_options: SamplingOptions = Field(default_factory=SamplingOptions)
     output_options: OutputOptions = Field(default_factory=OutputOptions)
-    eos_token_ids: list[int] = Field(default_factory=list)
+    eos_token_ids: list[U32] = Field(default_factory=list)
     mdc_sum: str | None = None
     annotations: list[str] = Field(default_factory=list)
     routing: RoutingHints | None = None
     router_config_override: Any = None
     prefill_result: PrefillResult | None = None
     bootstrap_info: BootstrapInfo | None = None
+    # Dynamo rejects a non-object encoder_result at deserialisation; so do we.
+    encoder_result: dict[str, Any] | None = None
     extra_args: Any = None
-    is_probe: bool = Field(default=False, alias="_HEALTH_CHECK")
+    is_probe: StrictBool = Field(default=False, alias="_HEALTH_CHECK")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreprocessedRequest:
@@ -211,6 +219,7 @@ class LLMEngineOutput:
         "extra_args",
         "engine_data",
         "stop_reason",
+        "output_type",
     )
 
     # Fields serialized by name when set; finish_reason and error are handled apart.
@@ -227,7 +236,12 @@ class LLMEngineOutput:
         "extra_args",
         "completion_usage",
         "engine_data",
+        "output_type",
     )
+
+    # 1.6.1 fields that are framework-owned or derived downstream: accepted by
+    # ``from_dict`` (a real worker may send them) but not kept.
+    _IGNORED = frozenset({"content_parts", "worker_trace_link", "routing_data", "jailed_text"})
 
     def __init__(
         self,
@@ -247,6 +261,7 @@ class LLMEngineOutput:
         engine_data: Any = None,
         stop_reason: str | int | None = None,
         error_message: str | None = None,
+        output_type: str | None = None,
     ) -> None:
         self.token_ids = token_ids if token_ids is not None else []
         if finish_reason is not None and not isinstance(finish_reason, FinishReason):
@@ -265,6 +280,8 @@ class LLMEngineOutput:
         self.extra_args = extra_args
         self.engine_data = engine_data
         self.stop_reason = stop_reason
+        # None and "text" mean the same on the wire; only a media type is worth sending.
+        self.output_type = None if output_type == "text" else output_type
 
     # -- terminal constructors -------------------------------------------------
     @classmethod
@@ -345,24 +362,31 @@ class LLMEngineOutput:
         """Parse the wire form (minimal or 1.6.1's full form with explicit nulls)."""
         if not isinstance(data, dict):
             raise ValueError(f"invalid chunk shape: expected an object, got {type(data).__name__}")
-        known = {"token_ids", "finish_reason", "output_type", *cls._PLAIN}
-        unknown = set(data) - known - {"content_parts", "worker_trace_link", "routing_data"}
+        unknown = set(data) - {"token_ids", "finish_reason", *cls._PLAIN} - cls._IGNORED
         if unknown:
             raise ValueError(f"invalid chunk shape: unknown keys {sorted(unknown)}")
+        token_ids = data.get("token_ids")
+        if token_ids is None:
+            token_ids = []
+        if not isinstance(token_ids, list) or not all(
+            type(t) is int and 0 <= t <= U32_MAX for t in token_ids
+        ):
+            raise ValueError("invalid chunk shape: token_ids must be a list of u32 integers")
         fr = data.get("finish_reason")
         error_message = None
         if isinstance(fr, dict):
-            error_message = str(fr.get("error", ""))
+            # The newtype variant `{"error": "<msg>"}` is the only object form.
+            if set(fr) != {"error"} or not isinstance(fr["error"], str):
+                raise ValueError(f"invalid chunk shape: unknown finish_reason {fr!r}")
+            error_message = fr["error"]
             fr = FinishReason.ERROR
         elif fr is not None:
-            fr = FinishReason(fr)
+            try:
+                fr = FinishReason(fr)
+            except ValueError:
+                raise ValueError(f"invalid chunk shape: unknown finish_reason {fr!r}") from None
         kwargs = {name: data.get(name) for name in cls._PLAIN}
-        return cls(
-            list(data.get("token_ids") or []),
-            fr,
-            error_message=error_message,
-            **kwargs,
-        )
+        return cls(list(token_ids), fr, error_message=error_message, **kwargs)
 
 
 class chunk:  # noqa: N801 - mirrors Dynamo's `chunk::token(id)` helper

@@ -1,0 +1,5 @@
+from backend_common.run import run
+
+from .engine import MockerCudaEngine
+
+run(MockerCudaEngine)

@@ -1,0 +1,322 @@
+"""The mocker engine: a simulated LLM that behaves like a real one.
+
+It speaks the full ``LLMEngine`` contract with a real continuous-batching
+scheduler, KV block pool with prefix caching, chunked prefill and preemption
+(``mocker/``), Dynamo's perf model for timing, and a PyTorch workload per
+forward pass on the GPU when there is one. Token ids are deterministic draws in
+``[1000, 2000)`` (given ``--seed`` and the prompt).
+
+Per request (``generate``): a channel is registered with the scheduler and a
+``RequestGuard`` frees the request's KV blocks and removes it from the
+scheduler on every exit path (finish, error, cancel, dropped stream). The
+stream checks cancellation first, then races the channel against
+``ctx.stopped()``, so a stop always ends it with a clean ``cancelled``
+terminal carrying usage.
+
+Roles: prefill (one token, handoff in ``disaggregated_params``), decode
+(needs the prefill peer's result; waits ``--kv-transfer-time-ms`` to simulate
+the KV transfer, then decodes without recomputing the prompt), aggregated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Self
+
+from backend_common import (
+    DisaggregationMode,
+    EngineConfig,
+    GenerateContext,
+    LLMEngine,
+    LLMEngineOutput,
+    PreprocessedRequest,
+    RequestGuard,
+    WorkerConfig,
+    chunk,
+    usage,
+)
+from backend_common.disagg import enforce_prefill_max_tokens, require_prefill_result
+from backend_common.errors import engine_shutdown, invalid_arg
+from prometheus_client import CollectorRegistry
+
+from .mocker import metrics
+from .mocker.args import DEFAULT_MODEL_NAME, MockerSettings, add_mocker_args, build_engine
+from .mocker.device import DeviceWorkload
+from .mocker.scheduler import Scheduler, SchedulerConfig, Sequence
+from .mocker.timing import TimingModel
+
+__all__ = ["MockerCudaEngine"]
+
+log = logging.getLogger(__name__)
+
+# Where the per-pass workload runs unless --device says otherwise (chosen at generation;
+# "cuda" falls back to cpu, with a warning, on a machine without a GPU).
+DEFAULT_DEVICE = "cuda"
+
+
+class MockerCudaEngine(LLMEngine):
+    def __init__(
+        self,
+        settings: MockerSettings | None = None,
+        *,
+        model: str = DEFAULT_MODEL_NAME,
+        mode: DisaggregationMode | str = DisaggregationMode.AGGREGATED,
+    ) -> None:
+        self.settings = settings or MockerSettings()
+        self.model = model or DEFAULT_MODEL_NAME
+        self.mode = DisaggregationMode.parse(mode)
+        self.timing = TimingModel(self.settings.speedup_ratio)
+        self.scheduler: Scheduler | None = None
+        self.device: DeviceWorkload | None = None
+        self._active: dict[str, GenerateContext] = {}
+        self._started = False
+        self._closing = False
+
+    @classmethod
+    def add_args(cls, parser: argparse.ArgumentParser) -> None:
+        add_mocker_args(parser, default_device=DEFAULT_DEVICE)
+
+    @classmethod
+    def from_config(cls, args: argparse.Namespace, config: WorkerConfig) -> Self:
+        return build_engine(args, config, cls)
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> tuple[Self, WorkerConfig]:
+        from .args import from_args
+
+        return from_args(argv, cls)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self, worker_id: int) -> EngineConfig:
+        if self._started:
+            raise engine_shutdown("mocker backend already started")
+        if self._closing:
+            raise engine_shutdown("mocker backend is shutting down")
+        self._started = True
+        s = self.settings
+        if s.startup_time > 0:
+            await asyncio.sleep(s.startup_time)
+        # Importing torch and allocating on the device can take seconds: off the loop.
+        self.device = await asyncio.to_thread(
+            DeviceWorkload,
+            s.device,
+            hidden_size=s.hidden_size,
+            max_rows=s.max_num_batched_tokens,
+            seed=s.seed,
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_blocks=s.num_gpu_blocks,
+                block_size=s.block_size,
+                max_num_seqs=s.max_num_seqs,
+                max_num_batched_tokens=s.max_num_batched_tokens,
+                enable_prefix_caching=s.enable_prefix_caching,
+                enable_chunked_prefill=s.enable_chunked_prefill,
+                watermark=s.watermark,
+            ),
+            timing=self.timing,
+            device=self.device,
+            seed=s.seed,
+        )
+        self.scheduler.start()
+        log.info(
+            "mocker backend started (num_gpu_blocks=%d, block_size=%d, speedup_ratio=%s, "
+            "device=%s, mode=%s)",
+            s.num_gpu_blocks,
+            s.block_size,
+            s.speedup_ratio,
+            self.device.device,
+            self.mode.value,
+        )
+        return EngineConfig(
+            model=self.model,
+            served_model_name=self.model,
+            context_length=s.context_length,
+            kv_cache_block_size=s.block_size,
+            total_kv_blocks=s.num_gpu_blocks,
+            max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens,
+        )
+
+    async def cleanup(self) -> None:
+        """Stop every stream with a clean ``cancelled`` terminal, then the scheduler."""
+        self._closing = True
+        # Stop the contexts first: each stream then sees "stopped" before "channel closed".
+        for ctx in list(self._active.values()):
+            ctx.stop_generating()
+        scheduler = self.scheduler
+        if scheduler is not None:
+            await scheduler.stop()
+        if self.device is not None:
+            self.device.close()
+        log.info("mocker backend: cleanup invoked")
+
+    async def abort(self, ctx: GenerateContext) -> None:
+        # The stream itself observes the stop and its guard frees the blocks.
+        log.debug("mocker backend: abort requested for %s", ctx.id())
+
+    # -- requests ----------------------------------------------------------------------
+    def _limit_max_tokens(self, request: PreprocessedRequest) -> int:
+        """The request's max_tokens after defaults and the context / KV capacity limits."""
+        s = self.settings
+        prompt_len = len(request.token_ids)
+        if prompt_len == 0:
+            raise invalid_arg("token_ids must not be empty")
+        if prompt_len >= s.context_length:
+            raise invalid_arg(
+                f"prompt has {prompt_len} tokens; the context length is {s.context_length}"
+            )
+        assert self.scheduler is not None
+        requested = request.stop_conditions.max_tokens
+        if requested is None:
+            requested = s.default_max_tokens
+        if requested < 0:
+            raise invalid_arg(f"max_tokens must be >= 0, got {requested}")
+        capacity = self.scheduler.max_sequence_tokens - prompt_len + 1
+        if capacity < 1:
+            raise invalid_arg(
+                f"prompt has {prompt_len} tokens; this worker's KV cache holds at most "
+                f"{self.scheduler.max_sequence_tokens} per sequence"
+            )
+        return min(requested, s.context_length - prompt_len, capacity)
+
+    def _request_id(self, ctx: GenerateContext) -> str:
+        request_id = ctx.id()
+        if request_id in self._active:
+            request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        return request_id
+
+    @staticmethod
+    def _handle(ctx: GenerateContext) -> str:
+        try:
+            return str(uuid.UUID(ctx.id()))
+        except ValueError:
+            return str(uuid.uuid4())
+
+    def _kv_transfer_seconds(self) -> float:
+        ratio = self.settings.speedup_ratio
+        return 0.0 if ratio == 0 else self.settings.kv_transfer_time_ms / 1000.0 / ratio
+
+    def _release(self, request_id: str) -> None:
+        self._active.pop(request_id, None)
+        if self.scheduler is not None:
+            self.scheduler.remove(request_id)
+
+    async def generate(
+        self, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> AsyncIterator[LLMEngineOutput]:
+        if not self._started or self.scheduler is None:
+            raise engine_shutdown("generate called before start")
+        if self._closing:
+            raise engine_shutdown("mocker backend is shutting down")
+        if self.mode is DisaggregationMode.PREFILL:
+            enforce_prefill_max_tokens(request)
+        kv_transferred = False
+        if self.mode is DisaggregationMode.DECODE:
+            kv_transferred = require_prefill_result(request, self.mode) is not None
+        prompt_len = len(request.token_ids)
+        max_tokens = self._limit_max_tokens(request)
+        if max_tokens == 0 or ctx.is_stopped():
+            final = LLMEngineOutput.cancelled() if ctx.is_stopped() else LLMEngineOutput.length()
+            yield final.with_usage(usage(prompt_len, 0))
+            return
+        sc = request.stop_conditions
+        try:
+            seq = Sequence.new(
+                self._request_id(ctx),
+                request.token_ids,
+                max_tokens=max_tokens,
+                seed=self.settings.seed,
+                min_tokens=sc.min_tokens or 0,
+                ignore_eos=bool(sc.ignore_eos),
+                eos_token_ids=request.eos_token_ids,
+                stop_token_ids=sc.stop_token_ids,
+                sampling_seed=request.sampling_options.seed,
+                kv_transferred=kv_transferred,
+            )
+        except ValueError as exc:
+            raise invalid_arg(str(exc)) from exc
+
+        request_id = seq.request_id
+        self._active[request_id] = ctx
+        generated = 0
+        stop_waiter: asyncio.Future[Any] | None = None
+        getter: asyncio.Future[Any] | None = None
+        with RequestGuard(lambda: self._release(request_id)):
+            try:
+                if kv_transferred and self.settings.kv_transfer_time_ms > 0:
+                    stop_waiter = asyncio.ensure_future(ctx.stopped())
+                    await asyncio.wait({stop_waiter}, timeout=self._kv_transfer_seconds())
+                try:
+                    channel = self.scheduler.add(seq)
+                except ValueError as exc:
+                    raise invalid_arg(str(exc)) from exc
+                except RuntimeError as exc:
+                    raise engine_shutdown("mocker backend is shutting down") from exc
+                while True:
+                    # Cancellation first: it wins over a token that is already waiting.
+                    if ctx.is_stopped():
+                        yield LLMEngineOutput.cancelled().with_usage(usage(prompt_len, generated))
+                        return
+                    if channel.empty():
+                        if stop_waiter is None:
+                            stop_waiter = asyncio.ensure_future(ctx.stopped())
+                        getter = asyncio.ensure_future(channel.get())
+                        await asyncio.wait(
+                            {getter, stop_waiter}, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        if not getter.done():
+                            getter.cancel()
+                            getter = None
+                            continue  # stopped: the check above ends the stream
+                        out = getter.result()
+                        getter = None
+                        if ctx.is_stopped():
+                            continue
+                    else:
+                        out = channel.get_nowait()
+                    if out.closed:
+                        raise engine_shutdown(
+                            "mocker backend: scheduler stopped before the request completed"
+                        )
+                    generated += 1
+                    if out.finish is None:
+                        yield chunk.token(out.token)
+                        continue
+                    final = LLMEngineOutput(finish_reason=out.finish).with_tokens([out.token])
+                    final.with_usage(usage(prompt_len, generated))
+                    if self.mode is DisaggregationMode.PREFILL:
+                        final.disaggregated_params = {
+                            "mocker_handle": self._handle(ctx),
+                            "completed_tokens": [out.token],
+                        }
+                    yield final
+                    return
+            finally:
+                for fut in (getter, stop_waiter):
+                    if fut is not None and not fut.done():
+                        fut.cancel()
+
+    # -- worker hooks -------------------------------------------------------------------
+    async def health_check_payload(self) -> dict[str, Any] | None:
+        payload: dict[str, Any] = {
+            "token_ids": [1],
+            "stop_conditions": {"max_tokens": 1, "ignore_eos": True},
+            "sampling_options": {"temperature": 0.0},
+        }
+        if self.mode is DisaggregationMode.DECODE:
+            payload["prefill_result"] = {"disaggregated_params": {}}
+        payload["_HEALTH_CHECK"] = True
+        return payload
+
+    async def setup_metrics(self, registry: CollectorRegistry) -> None:
+        metrics.register(registry, lambda: self.scheduler)
+
+    async def kv_event_sources(self) -> list[Any]:
+        # KV events are a later addition: the hook is ``KvCache.events`` (mocker/kv_cache.py),
+        # which receives stored/removed block hashes; a publisher built on it goes here.
+        return []

@@ -1,0 +1,250 @@
+"""From an accepted request frame to a finished response stream.
+
+``EngineAdapter.handle(path, headers, body)`` is called by a request-plane
+server (TCP or NATS) once per accepted request, after the ACK went out. It
+
+1. decodes the TwoPart body (control header + ``PreprocessedRequest``);
+2. calls home to the frontend (handshake first, so the frontend's wait ends);
+3. runs ``engine.generate`` and writes each item as it comes;
+4. ends the stream with ``complete_final`` + ``sentinel``.
+
+Invariants:
+
+* The prologue waits for the engine's first item, so an ``InvalidArgument``
+  raised before any output becomes a typed error prologue (HTTP 400 at the
+  frontend, worker stays in rotation). Any other failure is an error item in
+  the stream (an untyped prologue would make the frontend sideline the worker).
+* Exactly one terminal reaches the frontend; items after it are dropped and the
+  engine's generator is closed. A stream that ends without a terminal gets a
+  ``StreamIncomplete`` error item.
+* ``abort(ctx)`` runs at most once per request, only when the request was
+  cancelled (frontend ``stop``/``kill``, or shutdown), never on a natural end.
+* Every accepted request is tracked in ``active`` until its stream is done, on
+  every path; ``wait_idle`` lets shutdown wait for in-flight streams.
+* Nothing a client or the network sends can raise out of ``handle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from .config import DisaggregationMode
+from .context import GenerateContext
+from .engine import LLMEngine
+from .errors import DynamoError, from_exception, invalid_arg, stream_incomplete
+from .metrics import WorkerMetrics
+from .transport.callhome import CallHome
+from .transport.codec import ControlMessage, WireError, decode_payload, decode_two_part, parse_control
+from .types import FinishReason, PreprocessedRequest
+from .validate import ContractViolation, maybe_validated
+
+__all__ = ["ActiveRequest", "EngineAdapter"]
+
+log = logging.getLogger(__name__)
+
+# Yield to the event loop every this many items, so that an engine producing
+# tokens without awaiting cannot starve other streams or delay a `kill`.
+YIELD_EVERY = 16
+
+
+class ActiveRequest:
+    __slots__ = ("ctx", "aborted", "task")
+
+    def __init__(self, ctx: GenerateContext) -> None:
+        self.ctx = ctx
+        self.aborted = False
+        self.task: asyncio.Task[Any] | None = None
+
+
+class EngineAdapter:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        *,
+        mode: DisaggregationMode = DisaggregationMode.AGGREGATED,
+        metrics: WorkerMetrics | None = None,
+        validate: bool | None = None,
+    ) -> None:
+        self.engine = engine
+        self.mode = mode
+        self.metrics = metrics
+        self.validate = validate
+        self.active: dict[str, ActiveRequest] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- shutdown support ------------------------------------------------------
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    def cancel_all(self) -> int:
+        """Ask every in-flight stream to end with a ``cancelled`` terminal."""
+        for entry in list(self.active.values()):
+            self._cancel(entry, kill=False)
+        return len(self.active)
+
+    def _cancel(self, entry: ActiveRequest, *, kill: bool) -> None:
+        if kill:
+            entry.ctx.kill()
+        else:
+            entry.ctx.stop_generating()
+        if not entry.aborted:
+            entry.aborted = True
+            asyncio.get_running_loop().create_task(self._abort(entry.ctx))
+
+    async def _abort(self, ctx: GenerateContext) -> None:
+        try:
+            await self.engine.abort(ctx)
+        except Exception:  # noqa: BLE001 - abort failures never affect the stream
+            log.debug("engine.abort raised; ignoring", exc_info=True)
+
+    # -- one request -------------------------------------------------------------
+    async def handle(self, path: str, headers: dict[str, str], body: bytes) -> None:
+        try:
+            header, payload = decode_two_part(body)
+            control = parse_control(header)
+        except WireError as exc:
+            # Without a control header there is no address to answer on.
+            log.warning("dropping undecodable request on %s: %s", path, exc)
+            return
+        if control.transport != "tcp_server":
+            log.warning(
+                "request %s: unsupported response transport %r", control.id, control.transport
+            )
+            return
+        entry = ActiveRequest(
+            GenerateContext(
+                control.id,
+                metadata=control.metadata,
+                trace_headers={k: v for k, v in headers.items() if k in ("traceparent", "tracestate")},
+            )
+        )
+        self.active[control.id] = entry
+        self._idle.clear()
+        if self.metrics is not None:
+            self.metrics.request_started()
+        started = time.monotonic()
+        try:
+            await self._serve(control, payload, entry)
+        except Exception:  # noqa: BLE001 - last line of defence: log, never crash
+            log.exception("request %s failed in the worker", control.id)
+        finally:
+            self.active.pop(control.id, None)
+            if not self.active:
+                self._idle.set()
+            if self.metrics is not None:
+                self.metrics.request_finished(time.monotonic() - started)
+
+    async def _serve(self, control: ControlMessage, payload: bytes, entry: ActiveRequest) -> None:
+        ctx = entry.ctx
+
+        def on_control(kind: str) -> None:
+            self._cancel(entry, kill=(kind == "kill"))
+
+        try:
+            home = await CallHome.connect(
+                control.address, control.subject, control.payload_codec, on_control=on_control
+            )
+        except (OSError, TimeoutError) as exc:
+            log.warning("request %s: cannot call home to %s: %s", control.id, control.address, exc)
+            return
+        try:
+            try:
+                request = PreprocessedRequest.from_dict(
+                    decode_payload(payload, control.payload_codec)
+                )
+            except (WireError, ValidationError, TypeError, ValueError) as exc:
+                err = invalid_arg(f"malformed request body: {_short(exc)}")
+                home.send_prologue(err.message, typed_error=_typed(err))
+                return
+            await self._stream(home, request, ctx)
+        finally:
+            await home.close()
+
+    async def _stream(self, home: CallHome, request: PreprocessedRequest, ctx: GenerateContext) -> None:
+        prologue_sent = False
+        terminal = False
+        count = 0
+        stream = None
+        try:
+            stream = maybe_validated(self.engine.generate(request, ctx), self.mode, force=self.validate)
+            async for item in stream:
+                if not prologue_sent:
+                    home.send_prologue()
+                    prologue_sent = True
+                if item.token_ids and not ctx.first_token_seen:
+                    ctx.notify_first_token()
+                if home.closed:
+                    # The frontend is gone (client disconnect): nothing more can be read.
+                    return
+                try:
+                    home.send_item({"data": item.to_dict()})
+                except WireError as exc:
+                    # An item the codec cannot encode is the engine's bug, not the client's.
+                    log.error("request %s: cannot encode engine item: %s", ctx.id(), exc)
+                    home.send_error_item(f"engine produced an unencodable item: {exc}")
+                    terminal = True
+                    break
+                if item.finish_reason is not None:
+                    terminal = True
+                    if item.finish_reason is FinishReason.ERROR:
+                        log.debug("request %s ended with error: %s", ctx.id(), item.error_message)
+                    break
+                count += 1
+                if count % YIELD_EVERY == 0:
+                    await home.drain()
+                    await asyncio.sleep(0)
+        except ContractViolation as exc:
+            log.error("request %s: %s", ctx.id(), exc)
+            if not prologue_sent:
+                home.send_prologue()
+                prologue_sent = True
+            home.send_error_item(str(exc))
+            terminal = True
+        except Exception as exc:  # noqa: BLE001 - engine errors become typed errors
+            err = from_exception(exc)
+            if not isinstance(exc, DynamoError):
+                log.warning("request %s: engine raised %s", ctx.id(), err)
+            if not prologue_sent:
+                if err.is_invalid_argument:
+                    home.send_prologue(err.message, typed_error=_typed(err))
+                    return
+                home.send_prologue()
+                prologue_sent = True
+            home.send_error_item(err.message)
+            terminal = True
+        finally:
+            if stream is not None:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    try:
+                        await aclose()
+                    except Exception:  # noqa: BLE001
+                        log.debug("closing the engine stream raised", exc_info=True)
+        if home.closed:
+            return
+        if not prologue_sent:
+            home.send_prologue()
+        if not terminal:
+            err = stream_incomplete("engine stream ended without a terminal item")
+            home.send_error_item(err.message)
+        await home.finish()
+
+
+def _typed(err: DynamoError) -> dict[str, str]:
+    return {"error_type": err.wire_error_type(), "message": err.message}
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "..."

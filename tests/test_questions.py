@@ -1,0 +1,108 @@
+"""copier.yml's questions: validators reject bad identifiers, computed defaults are right,
+and generating needs no --trust."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from generator.render import REPO_ROOT, render_snapshot, snapshot
+
+BASE = {"project_name": "my-backend", "author_name": "Ada Lovelace", "author_email": "ada@ex.io"}
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return snapshot(tmp_path_factory.mktemp("snapshot"))
+
+
+def answers(project: Path) -> dict:
+    return yaml.safe_load((project / ".copier-answers.yml").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    ("question", "value"),
+    [
+        ("project_name", "My-Backend"),
+        ("project_name", "1backend"),
+        ("project_name", "my_backend"),
+        ("project_name", "my--backend"),
+        ("project_name", "backend-"),
+        ("project_name", "my backend"),
+        ("package_name", "class"),
+        ("package_name", "async"),
+        ("package_name", "backend_common"),
+        ("package_name", "tests"),
+        ("package_name", "my-backend"),
+        ("package_name", "MyBackend"),
+        ("package_name", "_private"),
+        ("author_name", ""),
+        ("author_name", 'Ada "The Countess"'),
+        ("author_name", "back\\slash"),
+        ("author_email", "ada"),
+        ("author_email", "ada@example"),
+        ("author_email", "ada lovelace@example.com"),
+    ],
+)
+def test_validators_reject_bad_values(src: Path, tmp_path: Path, question: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"Validation error for question '{question}'"):
+        render_snapshot(src, tmp_path / "out", {**BASE, question: value})
+    assert not (tmp_path / "out" / "pyproject.toml").exists()
+
+
+@pytest.mark.parametrize(
+    ("question", "value"),
+    [
+        ("engine_kind", "gpu"),
+        ("accelerator", "rocm"),
+        ("disagg_roles", "prefill"),
+        ("request_plane", "http"),
+        ("python_version", "3.10"),
+        ("license", "GPL-3.0"),
+    ],
+)
+def test_choices_reject_unknown_values(src: Path, tmp_path: Path, question: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"Invalid choice for '{question}'"):
+        render_snapshot(src, tmp_path / "out", {**BASE, question: value})
+
+
+def test_error_messages_say_what_is_expected(src: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as info:
+        render_snapshot(src, tmp_path / "out", {**BASE, "project_name": "My_Backend"})
+    message = str(info.value)
+    assert "lowercase" in message and "My_Backend" in message
+
+
+def test_defaults_and_computed_values(src: Path, tmp_path: Path) -> None:
+    project = render_snapshot(src, tmp_path / "out", {**BASE, "project_name": "acme-llm-2"})
+    recorded = answers(project)
+    assert recorded["package_name"] == "acme_llm_2"
+    assert recorded["engine_kind"] == "skeleton"
+    assert recorded["accelerator"] == "cpu"
+    assert recorded["disagg_roles"] == "agg"
+    assert recorded["request_plane"] == "tcp"
+    assert recorded["python_version"] == "3.11"
+    assert recorded["license"] == "Apache-2.0"
+    # engine_class is computed (when: false): used in the files, never stored.
+    assert "engine_class" not in recorded
+    engine = (project / "src" / "acme_llm_2" / "engine.py").read_text(encoding="utf-8")
+    assert "class AcmeLlm2Engine(LLMEngine):" in engine
+
+
+def test_explicit_package_name_wins(src: Path, tmp_path: Path) -> None:
+    project = render_snapshot(src, tmp_path / "out", {**BASE, "package_name": "acme"})
+    assert answers(project)["package_name"] == "acme"
+    assert "class AcmeEngine(" in (project / "src/acme/engine.py").read_text(encoding="utf-8")
+
+
+def test_generating_needs_no_trust() -> None:
+    config = yaml.safe_load((REPO_ROOT / "copier.yml").read_text(encoding="utf-8"))
+    for unsafe in ("_tasks", "_jinja_extensions", "_migrations", "_external_data"):
+        assert unsafe not in config
+    assert config["_min_copier_version"] == "9.17.2"
+    assert config["_subdirectory"] == "template"
+    assert config["_envops"]["undefined"] == "jinja2.StrictUndefined"
+    assert "src/{{ package_name }}/engine.py" in config["_skip_if_exists"]
+    assert "local.mk" in config["_skip_if_exists"]
