@@ -89,7 +89,9 @@ def check_manifest(root: Path = RUNTIME_DIR) -> list[str]:
     current = build_manifest(root)
     problems = []
     if recorded.get("version") != current["version"]:
-        problems.append(f"version: manifest {recorded.get('version')!r}, runtime {current['version']!r}")
+        problems.append(
+            f"version: manifest {recorded.get('version')!r}, runtime {current['version']!r}"
+        )
     old, new = recorded.get("files") or {}, current["files"]
     problems += [f"added, not in manifest: {rel}" for rel in sorted(new.keys() - old.keys())]
     problems += [f"listed, but removed: {rel}" for rel in sorted(old.keys() - new.keys())]

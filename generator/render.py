@@ -124,4 +124,3 @@ def normalize_answers(project: Path) -> None:
         "".join(line for line in lines if not line.startswith(_VOLATILE_ANSWERS)),
         encoding="utf-8",
     )
-

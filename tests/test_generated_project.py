@@ -65,7 +65,9 @@ def test_generated_project_passes_its_own_make_lint_test(
         text=True,
         timeout=MAKE_TIMEOUT_S,
     )
-    assert out.returncode == 0, f"make lint test failed:\n{out.stdout[-6000:]}\n{out.stderr[-4000:]}"
+    assert out.returncode == 0, (
+        f"make lint test failed:\n{out.stdout[-6000:]}\n{out.stderr[-4000:]}"
+    )
     assert " passed" in out.stdout
     # Building and testing left the checkout clean: everything it made is git-ignored.
     status = subprocess.run(

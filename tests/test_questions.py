@@ -63,7 +63,9 @@ def test_validators_reject_bad_values(src: Path, tmp_path: Path, question: str, 
         ("license", "GPL-3.0"),
     ],
 )
-def test_choices_reject_unknown_values(src: Path, tmp_path: Path, question: str, value: str) -> None:
+def test_choices_reject_unknown_values(
+    src: Path, tmp_path: Path, question: str, value: str
+) -> None:
     with pytest.raises(ValueError, match=f"Invalid choice for '{question}'"):
         render_snapshot(src, tmp_path / "out", {**BASE, question: value})
 

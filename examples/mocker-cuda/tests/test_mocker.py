@@ -259,6 +259,18 @@ def test_max_num_seqs_caps_the_running_queue():
     assert scheduler.kv.used_blocks == 0
 
 
+def test_watermark_holds_back_an_admission_that_would_leave_too_few_blocks():
+    scheduler = Scheduler(SchedulerConfig(num_blocks=100, block_size=4, watermark=0.1))
+    scheduler.add(seq("big", list(range(320)), 1))  # 80 blocks: admitted alone
+    scheduler.add(seq("next", list(range(1000, 1044)), 1))  # 11 more would leave 9 < 10
+    first = scheduler.step()
+    assert [s.request_id for s, _ in first.scheduled] == ["big"]
+    second = scheduler.step()  # "big" finished and freed its blocks
+    assert [s.request_id for s, _ in second.scheduled] == ["next"]
+    run_to_idle(scheduler)
+    assert scheduler.kv.used_blocks == 0
+
+
 def test_token_ids_are_deterministic_given_the_seed():
     def tokens(seed: int, prompt: list[int]) -> list[int]:
         scheduler = Scheduler(SchedulerConfig(num_blocks=64, block_size=4), seed=seed)

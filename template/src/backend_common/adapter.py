@@ -39,7 +39,13 @@ from .engine import LLMEngine
 from .errors import DynamoError, from_exception, invalid_arg, stream_incomplete
 from .metrics import WorkerMetrics
 from .transport.callhome import CallHome
-from .transport.codec import ControlMessage, WireError, decode_payload, decode_two_part, parse_control
+from .transport.codec import (
+    ControlMessage,
+    WireError,
+    decode_payload,
+    decode_two_part,
+    parse_control,
+)
 from .types import FinishReason, PreprocessedRequest
 from .validate import ContractViolation, maybe_validated
 
@@ -126,7 +132,9 @@ class EngineAdapter:
             GenerateContext(
                 control.id,
                 metadata=control.metadata,
-                trace_headers={k: v for k, v in headers.items() if k in ("traceparent", "tracestate")},
+                trace_headers={
+                    k: v for k, v in headers.items() if k in ("traceparent", "tracestate")
+                },
             )
         )
         self.active[control.id] = entry
@@ -171,13 +179,17 @@ class EngineAdapter:
         finally:
             await home.close()
 
-    async def _stream(self, home: CallHome, request: PreprocessedRequest, ctx: GenerateContext) -> None:
+    async def _stream(
+        self, home: CallHome, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> None:
         prologue_sent = False
         terminal = False
         count = 0
         stream = None
         try:
-            stream = maybe_validated(self.engine.generate(request, ctx), self.mode, force=self.validate)
+            stream = maybe_validated(
+                self.engine.generate(request, ctx), self.mode, force=self.validate
+            )
             async for item in stream:
                 if not prologue_sent:
                     home.send_prologue()

@@ -64,9 +64,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="local directory with tokenizer.json, tokenizer_config.json, config.json",
     )
     g.add_argument("--served-model-name", default=_env("DYN_SERVED_MODEL_NAME"))
-    g.add_argument(
-        "--endpoint-types", default=_env("DYN_ENDPOINT_TYPES", "chat,completions")
-    )
+    g.add_argument("--endpoint-types", default=_env("DYN_ENDPOINT_TYPES", "chat,completions"))
     g.add_argument(
         "--discovery-backend",
         choices=["etcd", "file"],
@@ -92,9 +90,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         default=_env_bool("DYN_DISABLE_KV_ROUTING"),
     )
-    g.add_argument(
-        "--migration-limit", type=int, default=int(_env("DYN_MIGRATION_LIMIT", 0))
-    )
+    g.add_argument("--migration-limit", type=int, default=int(_env("DYN_MIGRATION_LIMIT", 0)))
     g.add_argument("--custom-jinja-template", default=_env("DYN_CUSTOM_JINJA_TEMPLATE"))
     g.add_argument(
         "--tool-call-parser",

@@ -115,7 +115,7 @@ class ReferenceEngine(LLMEngine):
 
 
 def main() -> None:
-    from .run import run
+    from .runner import run
 
     run(ReferenceEngine)
 

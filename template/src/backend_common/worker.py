@@ -220,7 +220,9 @@ class Worker:
             self._health_payload = payload
         if self._health_payload is not None:
             self._health_payload = {**self._health_payload, "_HEALTH_CHECK": True}
-        self.adapter = EngineAdapter(self.engine, mode=cfg.disaggregation_mode, metrics=self.metrics)
+        self.adapter = EngineAdapter(
+            self.engine, mode=cfg.disaggregation_mode, metrics=self.metrics
+        )
 
     async def _start_request_plane(self) -> None:
         cfg = self.config
@@ -230,7 +232,9 @@ class Worker:
 
             from .transport.nats import NatsRequestServer, nats_subject
 
-            self._nats = await nats.connect(servers=cfg.nats_server.split(","), name="backend_common")
+            self._nats = await nats.connect(
+                servers=cfg.nats_server.split(","), name="backend_common"
+            )
             subject = nats_subject(cfg.namespace, cfg.component, cfg.endpoint, self.instance_id)
             self._nats_server = NatsRequestServer(
                 self._nats, subject, admit=self._admit_nats, handle=self.adapter.handle
@@ -263,7 +267,10 @@ class Worker:
             transport = tcp_transport(self._tcp.host, self._tcp.port, instance_id, ns, comp, ep)
         assert self._card is not None
         return [
-            (model_key(ns, comp, ep, instance_id), model_record(ns, comp, ep, instance_id, self._card)),
+            (
+                model_key(ns, comp, ep, instance_id),
+                model_record(ns, comp, ep, instance_id, self._card),
+            ),
             (
                 instance_key(ns, comp, ep, instance_id),
                 endpoint_record(ns, comp, ep, instance_id, transport, device_type=None),
@@ -380,7 +387,9 @@ class Worker:
             log.warning("engine.drain() failed; continuing shutdown", exc_info=True)
         adapter = self.adapter
         if adapter is not None and adapter.active:
-            log.info("waiting for %d in-flight stream(s), up to %.1fs", len(adapter.active), timeout)
+            log.info(
+                "waiting for %d in-flight stream(s), up to %.1fs", len(adapter.active), timeout
+            )
             deadline = time.monotonic() + timeout
             while adapter.active and not self._shutdown_forced():
                 left = deadline - time.monotonic()
@@ -424,4 +433,3 @@ class Worker:
                 await asyncio.wait_for(closer(), 5.0)
             except Exception:  # noqa: BLE001
                 log.debug("closing a transport failed", exc_info=True)
-

@@ -1,4 +1,4 @@
-from backend_common.run import run
+from backend_common import run
 
 from .engine import SkeletonCpuEngine
 

@@ -1,0 +1,123 @@
+"""``copier update`` from one template release to the next keeps user work and merges cleanly.
+
+A throw-away git repository of this template gets tag 0.1.0, then a change to template-owned
+files (a Makefile target, a README line, a vendored runtime file with its manifest) as tag
+0.2.0. A project copied at 0.1.0 and committed gets user edits in its user-owned files
+(engine.py, local.mk), then ``run_update`` to the newest tag. Expected: no conflicts, the
+user edits intact, and every template-owned file equal to a fresh copy at 0.2.0.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from copier import run_copy, run_update
+
+from generator.examples import diff_trees
+from generator.manifest import write_manifest
+from generator.render import snapshot
+
+DATA = {"project_name": "upd-backend", "author_name": "T", "author_email": "t@example.com"}
+USER_OWNED = {"src/upd_backend/engine.py", "local.mk", ".copier-answers.yml"}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+}
+
+
+def git(repo: Path, *argv: str) -> str:
+    out = subprocess.run(
+        ["git", *argv],
+        cwd=repo,
+        env={**os.environ, **GIT_ENV},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout
+
+
+def commit_all(repo: Path, message: str, tag: str | None = None) -> None:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    if tag:
+        git(repo, "tag", tag)
+
+
+def append(path: Path, text: str) -> None:
+    path.write_text(path.read_text(encoding="utf-8") + text, encoding="utf-8")
+
+
+@pytest.fixture
+def template_repo(tmp_path: Path) -> Path:
+    repo = snapshot(tmp_path / "template-repo")
+    git(repo, "init", "-q")
+    commit_all(repo, "release 0.1.0", "0.1.0")
+    makefile = repo / "template" / "Makefile.jinja"
+    text = makefile.read_text(encoding="utf-8")
+    makefile.write_text(
+        text.replace(
+            "-include local.mk",
+            "version: ## print the project version\n\t@grep -m1 '^version' pyproject.toml\n\n"
+            "-include local.mk",
+        ),
+        encoding="utf-8",
+    )
+    append(repo / "template" / "README.md.jinja", "\nChanged in 0.2.0.\n")
+    runtime = repo / "template" / "src" / "backend_common"
+    append(runtime / "errors.py", "\n# runtime change shipped in 0.2.0\n")
+    write_manifest(runtime)
+    commit_all(repo, "release 0.2.0", "0.2.0")
+    return repo
+
+
+def test_update_keeps_user_edits_and_matches_a_fresh_copy(
+    template_repo: Path, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    run_copy(str(template_repo), project, data=DATA, vcs_ref="0.1.0", defaults=True, quiet=True)
+    git(project, "init", "-q")
+    commit_all(project, "generated at 0.1.0")
+    assert yaml.safe_load((project / ".copier-answers.yml").read_text())["_commit"] == "0.1.0"
+
+    engine = project / "src" / "upd_backend" / "engine.py"
+    engine.write_text(
+        engine.read_text(encoding="utf-8").replace(
+            "DEFAULT_MAX_TOKENS = 16", "DEFAULT_MAX_TOKENS = 32  # my engine"
+        ),
+        encoding="utf-8",
+    )
+    append(project / "local.mk", "\nmine: ## my own target\n\t@echo mine\n")
+    commit_all(project, "my engine")
+
+    run_update(project, data=DATA, defaults=True, overwrite=True, quiet=True)
+
+    status = git(project, "status", "--porcelain")
+    assert not [line for line in status.splitlines() if line[:2] in ("UU", "AA", "DU", "UD")]
+    assert not list(project.rglob("*.rej"))
+    for path in project.rglob("*"):
+        if path.is_file() and ".git" not in path.parts:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            assert "<<<<<<< " not in text, f"conflict markers in {path}"
+
+    # User-owned files kept the user's edits.
+    assert "DEFAULT_MAX_TOKENS = 32  # my engine" in engine.read_text(encoding="utf-8")
+    assert "mine: ## my own target" in (project / "local.mk").read_text(encoding="utf-8")
+    assert yaml.safe_load((project / ".copier-answers.yml").read_text())["_commit"] == "0.2.0"
+
+    # Template-owned files are exactly what 0.2.0 renders.
+    fresh = tmp_path / "fresh"
+    run_copy(str(template_repo), fresh, data=DATA, vcs_ref="0.2.0", defaults=True, quiet=True)
+    differing = [rel for rel in diff_trees(fresh, project) if not rel.startswith(".git/")]
+    assert sorted(set(differing) - USER_OWNED) == []
+    assert "version: ## print the project version" in (project / "Makefile").read_text()
+    assert (
+        "runtime change shipped in 0.2.0"
+        in (project / "src" / "backend_common" / "errors.py").read_text()
+    )
