@@ -1,0 +1,178 @@
+"""The benchmark's outputs: ratios, the JSON result, the PNG chart and the printed table.
+
+``ratios(targets)`` compares ours (a, b) with Dynamo's workers (c, d) at every concurrency
+both ran, from numbers of the SAME run (never from stored figures): output tokens/s, TTFT p50
+and ITL p50 as ``ours / theirs`` (> 1 means more throughput, or more latency). ``check_goals``
+evaluates the issue's targets on them; they are reported, never asserted.
+``write_results(result, out_dir)`` writes ``<UTC timestamp>.json``, ``latest.json`` and
+``<timestamp>.png`` / ``latest.png`` and returns the paths. The chart uses matplotlib's Agg
+backend (no display).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = ["check_goals", "format_table", "ratios", "write_chart", "write_results"]
+
+RATIO_METRICS = ("output_tokens_per_s", "ttft_ms_p50", "itl_ms_p50")
+
+
+def _level(targets: dict[str, Any], key: str, concurrency: int) -> dict[str, Any] | None:
+    for level in (targets.get(key) or {}).get("levels", []):
+        if level["concurrency"] == concurrency:
+            return level
+    return None
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if not isinstance(a, int | float) or not isinstance(b, int | float):
+        return None
+    if b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def ratios(targets: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """``{"a/c": {"16": {"output_tokens_per_s": 1.3, ...}}, ...}`` for the pairs present."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for ours in ("a", "b"):
+        for theirs in ("c", "d"):
+            if ours not in targets or theirs not in targets:
+                continue
+            pair: dict[str, dict[str, float | None]] = {}
+            for level in targets[ours].get("levels", []):
+                c = level["concurrency"]
+                other = _level(targets, theirs, c)
+                if other is None:
+                    continue
+                pair[str(c)] = {m: _ratio(level.get(m), other.get(m)) for m in RATIO_METRICS}
+            out[f"{ours}/{theirs}"] = pair
+    return out
+
+
+def check_goals(rat: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with its measured ratio and whether it was met (None: n/a)."""
+
+    def get(pair: str, c: int, metric: str) -> float | None:
+        return ((rat.get(pair) or {}).get(str(c)) or {}).get(metric)
+
+    goals = [
+        ("(a) tok/s >= 1.2x (c) at c=16", get("a/c", 16, "output_tokens_per_s"), ">=", 1.2),
+        ("(a) tok/s >= 1.2x (c) at c=64", get("a/c", 64, "output_tokens_per_s"), ">=", 1.2),
+        ("(b) tok/s >= 0.8x (d) at c=64", get("b/d", 64, "output_tokens_per_s"), ">=", 0.8),
+        ("(a) TTFT p50 <= (c) at c=1", get("a/c", 1, "ttft_ms_p50"), "<=", 1.0),
+        ("(a) ITL p50 <= (c) at c=1", get("a/c", 1, "itl_ms_p50"), "<=", 1.0),
+    ]
+    out = []
+    for name, value, op, bound in goals:
+        met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        out.append({"goal": name, "ratio": value, "bound": bound, "op": op, "met": met})
+    return out
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table: one row per target and concurrency, then ratios, RSS and goals."""
+    head = (
+        f"{'target':<30} {'c':>3} {'req/s':>8} {'out tok/s':>10} {'TTFT p50':>9} "
+        f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'err':>4}"
+    )
+    lines = [head, "-" * len(head)]
+    for key, target in result["targets"].items():
+        label = f"({key}) {target['name']}"
+        if target.get("error"):
+            lines.append(f"{label:<30} FAILED: {target['error'][:80]}")
+            continue
+        for lv in target["levels"]:
+            lines.append(
+                f"{label:<30} {lv['concurrency']:>3} {_fmt(lv['requests_per_s']):>8} "
+                f"{_fmt(lv['output_tokens_per_s'], 0):>10} {_fmt(lv['ttft_ms_p50'], 2):>9} "
+                f"{_fmt(lv['ttft_ms_p99'], 2):>9} {_fmt(lv['itl_ms_p50'], 3):>8} "
+                f"{_fmt(lv['itl_ms_p99'], 3):>8} {lv['errors']:>4}"
+            )
+    lines.append("(latencies in ms; " + result["config"]["connection"] + ")")
+    lines.append("")
+    lines.append("ratios ours/theirs (tok/s, TTFT p50, ITL p50):")
+    for pair, levels in result["ratios"].items():
+        cells = [
+            f"c={c}: {_fmt(v['output_tokens_per_s'], 2)} / {_fmt(v['ttft_ms_p50'], 2)}"
+            f" / {_fmt(v['itl_ms_p50'], 2)}"
+            for c, v in levels.items()
+        ]
+        lines.append(f"  {pair}: " + "; ".join(cells))
+    lines.append("")
+    lines.append("idle RSS (MiB): " + ", ".join(
+        f"({k}) {_fmt(t.get('idle_rss_kib') and t['idle_rss_kib'] / 1024)}"
+        for k, t in result["targets"].items()
+    ))
+    lines.append("")
+    for goal in result["goals"]:
+        state = {True: "MET", False: "NOT MET", None: "n/a"}[goal["met"]]
+        lines.append(f"  {state:<8} {goal['goal']} (measured {_fmt(goal['ratio'], 2)})")
+    return "\n".join(lines)
+
+
+def write_chart(result: dict[str, Any], path: Path) -> Path:
+    """Bar charts of output tokens/s, TTFT p50 and ITL p50 per target and concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = {k: t for k, t in result["targets"].items() if t.get("levels")}
+    levels = sorted({lv["concurrency"] for t in targets.values() for lv in t["levels"]})
+    metrics = [
+        ("output_tokens_per_s", "output tokens/s"),
+        ("ttft_ms_p50", "TTFT p50 (ms)"),
+        ("itl_ms_p50", "ITL p50 (ms)"),
+    ]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(15, 4.5))
+    width = 0.8 / max(1, len(targets))
+    for ax, (metric, title) in zip(axes, metrics, strict=True):
+        for i, (key, target) in enumerate(targets.items()):
+            by_c = {lv["concurrency"]: lv.get(metric) for lv in target["levels"]}
+            xs = [j + i * width for j in range(len(levels))]
+            ys = [by_c.get(c) or 0.0 for c in levels]
+            ax.bar(xs, ys, width, label=f"({key}) {target['name']}")
+        ax.set_xticks([j + width * (len(targets) - 1) / 2 for j in range(len(levels))])
+        ax.set_xticklabels([f"c={c}" for c in levels])
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"backend_common vs Dynamo workers ({result['timestamp']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_results(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write the JSON result and chart under ``out_dir`` (timestamped and ``latest``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = result["timestamp"]
+    json_path = out_dir / f"{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=2, allow_nan=False, default=_jsonable) + "\n")
+    latest = out_dir / "latest.json"
+    shutil.copyfile(json_path, latest)
+    png = write_chart(result, out_dir / f"{stamp}.png")
+    latest_png = out_dir / "latest.png"
+    shutil.copyfile(png, latest_png)
+    return {"json": json_path, "latest": latest, "chart": png, "latest_chart": latest_png}
+
+
+def _jsonable(obj: Any) -> Any:
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def timestamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
