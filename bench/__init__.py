@@ -1,1 +1,1 @@
-"""Benchmark: backend_common workers vs Dynamo's own, behind the real frontend (``python -m bench``)."""
+"""Benchmark: backend_common workers vs Dynamo's own behind the real frontend (``python -m bench``)."""

@@ -212,9 +212,7 @@ async def _drive(
             while remaining > 0:
                 remaining -= 1
                 results.append(
-                    await one_request(
-                        session, url, model, max_tokens=max_tokens, timeout=timeout
-                    )
+                    await one_request(session, url, model, max_tokens=max_tokens, timeout=timeout)
                 )
 
         t0 = time.perf_counter()

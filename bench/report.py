@@ -112,10 +112,13 @@ def format_table(result: dict[str, Any]) -> str:
         ]
         lines.append(f"  {pair}: " + "; ".join(cells))
     lines.append("")
-    lines.append("idle RSS (MiB): " + ", ".join(
-        f"({k}) {_fmt(t.get('idle_rss_kib') and t['idle_rss_kib'] / 1024)}"
-        for k, t in result["targets"].items()
-    ))
+    lines.append(
+        "idle RSS (MiB): "
+        + ", ".join(
+            f"({k}) {_fmt(t.get('idle_rss_kib') and t['idle_rss_kib'] / 1024)}"
+            for k, t in result["targets"].items()
+        )
+    )
     lines.append("")
     for goal in result["goals"]:
         state = {True: "MET", False: "NOT MET", None: "n/a"}[goal["met"]]

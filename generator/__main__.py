@@ -8,6 +8,9 @@ Commands:
   check-examples             exit 1, listing the files, if examples/ is stale
   manifest                   rewrite template/src/backend_common/MANIFEST.json
   check-manifest             exit 1, listing the problems, if the manifest is stale
+  demo [--dest DEST] [key=value ...]
+                             generate a backend and show it answering a chat request
+                             through the real Dynamo frontend (file discovery)
 """
 
 from __future__ import annotations
@@ -92,6 +95,12 @@ def cmd_check_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.dest, args.data)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m generator", description=__doc__.splitlines()[0]
@@ -102,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     new.add_argument("data", nargs="*", help="answers as key=value (see copier.yml)")
     new.add_argument("--vcs-ref", default="HEAD", help="template version (default: HEAD)")
     new.set_defaults(func=cmd_new)
+    demo = sub.add_parser("demo", help="generate a backend and chat with it via the frontend")
+    demo.add_argument("--dest", default=None, help="where to generate (default build/demo-backend)")
+    demo.add_argument("data", nargs="*", help="answers as key=value (see copier.yml)")
+    demo.set_defaults(func=cmd_demo)
     for name, func, text in (
         ("examples", cmd_examples, "re-render examples/"),
         ("check-examples", cmd_check_examples, "fail if examples/ is stale"),

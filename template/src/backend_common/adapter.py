@@ -207,6 +207,9 @@ class EngineAdapter:
                     home.send_error_item(f"engine produced an unencodable item: {exc}")
                     terminal = True
                     break
+                if count == 0:
+                    # Later frames coalesce per loop iteration; the first one (the TTFT) goes now.
+                    home.flush()
                 if item.finish_reason is not None:
                     terminal = True
                     if item.finish_reason is FinishReason.ERROR:
