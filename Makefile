@@ -48,6 +48,7 @@ demo: install ## generate a backend and show it answering a chat request through
 	$(PY) -m generator demo
 
 bench: install ## pure-Python runtime vs Dynamo's own workers
+	$(PY) -m pip install -q -e ".[bench]"
 	DYNAMO_FRONTEND_PYTHON=$(CURDIR)/$(FRONTEND_VENV)/bin/python $(PY) -m bench
 
 clean:

@@ -1,1 +1,4 @@
-"""Benchmark: backend_common workers vs Dynamo's own behind the real frontend (``python -m bench``)."""
+"""Benchmark of backend_common workers vs Dynamo's own behind the real frontend.
+
+Run it with ``python -m bench`` (``make bench``); see ``bench/__main__.py``.
+"""

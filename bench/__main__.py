@@ -1,8 +1,9 @@
 """``python -m bench``: backend_common's workers vs Dynamo's own, behind one real frontend.
 
-Runs the targets of ``bench.targets`` one after the other behind the same frontend (etcd
-discovery, tcp request plane, NATS events, all on 127.0.0.1), drives each with
-``bench.load.run_level`` at every concurrency level, and writes
+Serves the targets of ``bench.targets`` behind the same frontend (etcd discovery, tcp request
+plane, NATS events, all on 127.0.0.1) and loads them one after the other with
+``bench.load.run_level``: per round, per concurrency level, each target in turn (only one is
+under load at a time; the others sit idle). The rounds of a level are pooled. It writes
 ``bench/results/<timestamp>.json`` + ``latest.json`` and a PNG chart, then prints a table.
 Nothing is asserted about the numbers: the goals are reported as met / not met.
 
@@ -29,7 +30,7 @@ from typing import Any
 from backend_common.devstack.frontend import find_frontend_python
 from backend_common.devstack.tinymodel import write_tiny_model
 
-from .load import CONNECTION_MODE, PROMPT, run_level
+from .load import CONNECTION_MODE, PROMPT, LevelResult, run_level
 from .report import check_goals, format_table, ratios, timestamp, write_results
 from .targets import TARGETS, BenchStack, RunningTarget
 
@@ -42,8 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="quick run: targets a,c; few requests")
     p.add_argument("--targets", help="letters of the targets to run (default abcd; smoke: ac)")
     p.add_argument("--concurrency", help="comma-separated levels (default 1,16,64; smoke: 1,16)")
-    p.add_argument("--requests", type=int, help="requests per level with c > 1 (default 300)")
-    p.add_argument("--requests-c1", type=int, help="requests at c=1 (default 50)")
+    p.add_argument("--requests", type=int, help="requests per level and round, c > 1 (default 200)")
+    p.add_argument("--requests-c1", type=int, help="requests per round at c=1 (default 40)")
+    p.add_argument("--rounds", type=int, help="rounds over all levels (default 3; smoke: 1)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     p.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary dir)")
@@ -55,10 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown targets {sorted(unknown)}; choose from {''.join(TARGETS)}")
     levels = args.concurrency or ("1,16" if args.smoke else "1,16,64")
     args.levels = [int(x) for x in levels.split(",") if x.strip()]
+    if args.rounds is None:
+        args.rounds = 1 if args.smoke else 3
     if args.requests is None:
-        args.requests = 48 if args.smoke else 300
+        args.requests = 48 if args.smoke else 200
     if args.requests_c1 is None:
-        args.requests_c1 = 10 if args.smoke else 50
+        args.requests_c1 = 10 if args.smoke else 40
     return args
 
 
@@ -80,53 +84,97 @@ def _run(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def bench_target(
-    stack: BenchStack, key: str, plan: list[tuple[int, int, int]], max_tokens: int
-) -> dict[str, Any]:
-    target = TARGETS[key]
-    entry: dict[str, Any] = {
-        "name": target.name,
-        "description": target.description,
-        "ours": target.ours,
-        "levels": [],
-    }
-    t0 = time.monotonic()
-    running: RunningTarget | None = None
-    try:
-        running = stack.serve(target)
+def start_targets(
+    stack: BenchStack, keys: str
+) -> tuple[dict[str, RunningTarget], dict[str, dict[str, Any]]]:
+    """Serve every target (one after the other) and read its idle RSS once it is listed."""
+    running: dict[str, RunningTarget] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        target = TARGETS[key]
+        entry: dict[str, Any] = {
+            "name": target.name,
+            "description": target.description,
+            "ours": target.ours,
+            "levels": [],
+        }
+        entries[key] = entry
+        print(f"bench: ({key}) starting {target.description}", flush=True)
+        t0 = time.monotonic()
+        try:
+            rt = stack.serve(target)
+        except Exception as exc:  # noqa: BLE001 - one failing target must not hide the others
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            print(f"  ({key}) FAILED: {entry['error'][:2000]}", file=sys.stderr, flush=True)
+            continue
+        running[key] = rt
         entry["startup_s"] = round(time.monotonic() - t0, 2)
-        entry["model"] = running.model
-        entry["argv"] = running.proc.argv
+        entry["model"] = rt.model
+        entry["argv"] = rt.proc.argv
         time.sleep(SETTLE_S)
-        entry["idle_rss_kib"] = running.rss_kib()
+        entry["idle_rss_kib"] = rt.rss_kib()
+    return running, entries
+
+
+def measure(
+    stack: BenchStack,
+    running: dict[str, RunningTarget],
+    entries: dict[str, dict[str, Any]],
+    plan: list[tuple[int, int, int]],
+    *,
+    rounds: int,
+    max_tokens: int,
+) -> None:
+    """Load one target at a time: per round, per level, every target in turn.
+
+    Interleaving (instead of all levels of one target, then the next) spreads any change in
+    background load on this shared machine over all targets alike; each round rotates the
+    order. The rounds of a level are pooled: throughput = tokens / summed wall time.
+    """
+    pooled: dict[tuple[str, int], list[LevelResult]] = {}
+    keys = list(running)
+    for r in range(rounds):
+        order = keys[r % len(keys) :] + keys[: r % len(keys)] if keys else []
         for c, n, warmup in plan:
-            level = _run(
-                run_level(
-                    stack.base_url,
-                    running.model,
-                    concurrency=c,
-                    requests=n,
-                    warmup=warmup,
-                    max_tokens=max_tokens,
+            for key in order:
+                if not running[key].proc.running:
+                    entries[key].setdefault("error", "worker exited during the benchmark")
+                    continue
+                level = _run(
+                    run_level(
+                        stack.base_url,
+                        running[key].model,
+                        concurrency=c,
+                        requests=n,
+                        warmup=warmup,
+                        max_tokens=max_tokens,
+                    )
                 )
+                pooled.setdefault((key, c), []).append(level)
+                s = level.summary()
+                print(
+                    f"  round {r + 1}/{rounds} ({key}) c={c:<3} "
+                    f"{s['output_tokens_per_s'] or 0:9.0f} tok/s  errors {s['errors']}",
+                    flush=True,
+                )
+    for key in keys:
+        for c, _n, warmup in plan:
+            levels = pooled.get((key, c))
+            if not levels:
+                continue
+            merged = LevelResult(
+                concurrency=c,
+                requests=sum(lv.requests for lv in levels),
+                wall_s=sum(lv.wall_s for lv in levels),
+                results=[res for lv in levels for res in lv.results],
             )
-            summary = level.summary()
+            summary = merged.summary()
             summary["warmup"] = warmup
-            entry["levels"].append(summary)
-            print(
-                f"  ({key}) c={c:<3} {summary['output_tokens_per_s'] or 0:9.0f} tok/s  "
-                f"errors {summary['errors']}",
-                flush=True,
-            )
-        entry["loaded_rss_kib"] = running.rss_kib()
-    except Exception as exc:  # noqa: BLE001 - one failing target must not hide the others
-        entry["error"] = f"{type(exc).__name__}: {exc}"
-        print(f"  ({key}) FAILED: {entry['error'][:2000]}", file=sys.stderr, flush=True)
-    finally:
-        if running is not None:
-            running.stop()
-            stack.wait_gone(running.model, timeout=15)
-    return entry
+            summary["rounds_output_tokens_per_s"] = [
+                lv.summary()["output_tokens_per_s"] for lv in levels
+            ]
+            entries[key]["levels"].append(summary)
+        entries[key]["loaded_rss_kib"] = running[key].rss_kib()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "config": {
             "levels": [{"concurrency": c, "requests": n, "warmup": w} for c, n, w in plan],
+            "rounds": args.rounds,
             "max_tokens": args.max_tokens,
             "prompt_words": len(PROMPT.split()),
             "stream": True,
@@ -164,9 +213,21 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = write_tiny_model(workdir / "model" / "tiny")
         print(f"bench: stack in {workdir}; targets {args.targets}; plan {plan}", flush=True)
         with BenchStack(workdir, frontend_python, model_dir) as stack:
-            for key in args.targets:
-                print(f"bench: ({key}) {TARGETS[key].description}", flush=True)
-                result["targets"][key] = bench_target(stack, key, plan, args.max_tokens)
+            running: dict[str, RunningTarget] = {}
+            try:
+                running, entries = start_targets(stack, args.targets)
+                result["targets"] = entries
+                measure(
+                    stack,
+                    running,
+                    entries,
+                    plan,
+                    rounds=args.rounds,
+                    max_tokens=args.max_tokens,
+                )
+            finally:
+                for rt in running.values():
+                    rt.stop()
     result["duration_s"] = round(time.monotonic() - started, 1)
     result["ratios"] = ratios(result["targets"])
     result["goals"] = check_goals(result["ratios"])

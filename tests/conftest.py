@@ -150,7 +150,9 @@ def make_stack(
 
     def make(discovery: str = "file", plane: str = "tcp", **frontend_kwargs) -> Stack:
         etcd_endpoint = request.getfixturevalue("etcd").endpoint if discovery == "etcd" else None
-        nats_url = request.getfixturevalue("nats_server").url if plane == "nats" else None
+        # NATS is needed by the NATS request plane and by the NATS event plane (KV events).
+        needs_nats = plane == "nats" or frontend_kwargs.get("event_plane") == "nats"
+        nats_url = request.getfixturevalue("nats_server").url if needs_nats else None
         workdir = tmp_path / f"stack{len(stacks)}"
         frontend = Frontend(
             workdir=workdir,

@@ -59,7 +59,8 @@ def test_bench_smoke_writes_result_and_chart(frontend_python: str, tmp_path: Pat
     result = json.loads(latest.read_text())
     assert result["smoke"] is True
     assert set(result["targets"]) == {"a", "c"}
-    plan = {lv["concurrency"]: lv["requests"] for lv in result["config"]["levels"]}
+    rounds = result["config"]["rounds"]
+    plan = {lv["concurrency"]: lv["requests"] * rounds for lv in result["config"]["levels"]}
     for key, target in result["targets"].items():
         assert "error" not in target, target.get("error")
         assert target["idle_rss_kib"] > 0

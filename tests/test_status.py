@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -129,20 +130,29 @@ async def test_failing_or_missing_health_callback(http: aiohttp.ClientSession) -
     async def broken():
         raise RuntimeError("engine wedged")
 
+    async def stuck():
+        await asyncio.sleep(30)
+        return True, {}
+
     server = StatusServer(health=broken)
     await server.start()
     plain = StatusServer()
     await plain.start()
+    slow = StatusServer(health=stuck, health_timeout=0.2)
+    await slow.start()
     try:
         async with http.get(f"{server.base_url}/health") as r:
             assert r.status == 503
             body = await r.json()
         assert body["status"] == "unhealthy" and "engine wedged" in body["error"]
+        async with http.get(f"{slow.base_url}/health") as r:
+            assert r.status == 503 and "TimeoutError" in (await r.json())["error"]
         async with http.get(f"{plain.base_url}/health") as r:
             assert r.status == 200 and (await r.json())["status"] == "healthy"
     finally:
         await server.close()
         await plain.close()
+        await slow.close()
 
 
 async def test_serves_card_files_only(http: aiohttp.ClientSession, tmp_path: Path) -> None:

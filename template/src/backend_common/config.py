@@ -61,6 +61,8 @@ class EngineConfig:
     bootstrap_port: int | None = None
     runtime_data: dict[str, Any] | None = None
     model_aliases: list[str] = field(default_factory=list)
+    # Token ids >= vocab_size are refused before generate (request_policy); None: unchecked.
+    vocab_size: int | None = None
 
 
 @dataclass

@@ -188,17 +188,49 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _structural_tag(config: WorkerConfig) -> dict[str, str]:
+# The structural-tag settings the 1.6.1 runtime accepts: field -> allowed values (None: bool).
+_STRUCTURAL_TAG_FIELDS: dict[str, tuple[str, ...] | None] = {
+    "scope": ("auto", "always"),
+    "schema": ("auto", "strict"),
+    "allow_tool_calls_with_structured_output": None,
+    "exclude_special_tokens": None,
+    "reasoning_boundary": ("auto", "structural_tag", "backend"),
+    "tool_arguments_any_order": None,
+}
+# Written into the card with these defaults, as Dynamo's workers do (exclude_special_tokens
+# only when given).
+_STRUCTURAL_TAG_DEFAULTS = {
+    "scope": "auto",
+    "schema": "auto",
+    "allow_tool_calls_with_structured_output": False,
+    "reasoning_boundary": "auto",
+    "tool_arguments_any_order": False,
+}
+
+
+def _structural_tag(config: WorkerConfig) -> dict[str, Any] | None:
+    """The validated ``runtime_config.structural_tag`` object, or None when not configured."""
     st = config.structural_tag
     if st is None:
-        return {"mode": "off", "scope": "auto", "schema": "auto"}
+        return None
     if not isinstance(st, dict):
         raise invalid_arg("structural_tag must be a JSON object")
-    return {
-        "mode": str(st.get("mode", "on")),
-        "scope": str(st.get("scope", "auto")),
-        "schema": str(st.get("schema", "auto")),
-    }
+    out = dict(_STRUCTURAL_TAG_DEFAULTS)
+    for key, value in st.items():
+        if key not in _STRUCTURAL_TAG_FIELDS:
+            raise invalid_arg(
+                f"invalid structural_tag config: unknown field '{key}' (expected one of "
+                f"{', '.join(_STRUCTURAL_TAG_FIELDS)})"
+            )
+        allowed = _STRUCTURAL_TAG_FIELDS[key]
+        ok = isinstance(value, bool) if allowed is None else value in allowed
+        if not ok:
+            expected = "a boolean" if allowed is None else " or ".join(allowed)
+            raise invalid_arg(
+                f"invalid structural_tag config: {key}={value!r} (expected {expected})"
+            )
+        out[key] = value
+    return out
 
 
 def build_model_card(
@@ -287,9 +319,10 @@ def build_model_card(
         "tool_call_parser": config.tool_call_parser,
         "reasoning_parser": config.reasoning_parser,
         "tool_call_arguments_format": "json_string",
-        "structural_tag_mode": st["mode"],
-        "structural_tag_scope": st["scope"],
-        "structural_tag_schema": st["schema"],
+        **({"structural_tag": st} if st is not None else {}),
+        "structural_tag_mode": "on" if st is not None else "off",
+        "structural_tag_scope": st["scope"] if st is not None else "auto",
+        "structural_tag_schema": st["schema"] if st is not None else "auto",
         "exclude_tools_when_tool_choice_none": config.exclude_tools_when_tool_choice_none,
         "data_parallel_start_rank": engine_config.data_parallel_start_rank or 0,
         "data_parallel_size": engine_config.data_parallel_size or 1,

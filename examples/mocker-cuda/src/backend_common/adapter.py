@@ -28,19 +28,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import ValidationError
 
-from .config import DisaggregationMode
+from .config import DisaggregationMode, EngineConfig
 from .context import GenerateContext
 from .engine import LLMEngine
-from .errors import DynamoError, from_exception, invalid_arg, stream_incomplete
+from .errors import (
+    DynamoError,
+    from_exception,
+    invalid_arg,
+    response_timeout,
+    stream_incomplete,
+)
 from .metrics import WorkerMetrics
+from .request_policy import check_request
+from .tracing import GenerateTracer
 from .transport.callhome import CallHome
-from .transport.codec import ControlMessage, WireError, decode_payload, decode_two_part, parse_control
-from .types import FinishReason, PreprocessedRequest
+from .transport.codec import (
+    ControlMessage,
+    WireError,
+    decode_payload,
+    decode_two_part,
+    parse_control,
+)
+from .types import FinishReason, LLMEngineOutput, PreprocessedRequest
 from .validate import ContractViolation, maybe_validated
 
 __all__ = ["ActiveRequest", "EngineAdapter"]
@@ -50,6 +66,50 @@ log = logging.getLogger(__name__)
 # Yield to the event loop every this many items, so that an engine producing
 # tokens without awaiting cannot starve other streams or delay a `kill`.
 YIELD_EVERY = 16
+
+STREAM_TIMEOUT_ENV = "DYN_ENGINE_STREAM_TIMEOUT_SECS"
+# After a `kill` (client gone), how long an engine may ignore it before its task is cancelled.
+KILL_GRACE_S = 2.0
+
+
+def _env_seconds(name: str) -> float | None:
+    """A positive number of seconds from the environment; unset, 0 or invalid: None (off)."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) if raw else 0.0
+    except ValueError:
+        log.warning("%s=%r is not a number; the engine stream timeout is off", name, raw)
+        return None
+    return value if value > 0 and value == value else None
+
+
+async def _inactivity_bounded(
+    stream: AsyncIterator[LLMEngineOutput], seconds: float
+) -> AsyncIterator[LLMEngineOutput]:
+    """Re-yield ``stream``; raise ``ResponseTimeout`` when the next item takes over ``seconds``.
+
+    Only wrapped around a stream when the knob is set, so the default path costs nothing.
+    """
+    it = aiter(stream)
+    try:
+        while True:
+            bound = asyncio.timeout(seconds)
+            try:
+                async with bound:
+                    item = await anext(it)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if not bound.expired():
+                    raise  # the engine's own TimeoutError
+                raise response_timeout(
+                    f"engine produced no output for {seconds:g}s ({STREAM_TIMEOUT_ENV})"
+                ) from None
+            yield item
+    finally:
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class ActiveRequest:
@@ -69,11 +129,21 @@ class EngineAdapter:
         mode: DisaggregationMode = DisaggregationMode.AGGREGATED,
         metrics: WorkerMetrics | None = None,
         validate: bool | None = None,
+        engine_config: EngineConfig | None = None,
+        stream_timeout: float | None = None,
     ) -> None:
         self.engine = engine
         self.mode = mode
         self.metrics = metrics
         self.validate = validate
+        # Limits for request_policy.check_request (context length, vocabulary size).
+        self.engine_config = engine_config
+        # Longest wait for the engine's next item (DYN_ENGINE_STREAM_TIMEOUT_SECS; None: off).
+        self.stream_timeout = (
+            stream_timeout if stream_timeout is not None else _env_seconds(STREAM_TIMEOUT_ENV)
+        )
+        # The engine.generate span (OTEL_EXPORT_ENABLED); None: tracing off, no cost per item.
+        self.tracer = GenerateTracer.from_env(mode, engine_config.model if engine_config else "")
         self.active: dict[str, ActiveRequest] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -100,7 +170,22 @@ class EngineAdapter:
             entry.ctx.stop_generating()
         if not entry.aborted:
             entry.aborted = True
-            asyncio.get_running_loop().create_task(self._abort(entry.ctx))
+            loop = asyncio.get_running_loop()
+            loop.create_task(self._abort(entry.ctx))
+            if kill:
+                # The client is gone. An engine that ignores kill (stuck in an await) must not
+                # keep the request in flight forever: cancel its task after a grace period.
+                loop.call_later(KILL_GRACE_S, self._unstick, entry)
+
+    def _unstick(self, entry: ActiveRequest) -> None:
+        task = entry.task
+        if task is not None and not task.done() and self.active.get(entry.ctx.id()) is entry:
+            log.warning(
+                "request %s: engine ignored kill for %.1fs; cancelling it",
+                entry.ctx.id(),
+                KILL_GRACE_S,
+            )
+            task.cancel()
 
     async def _abort(self, ctx: GenerateContext) -> None:
         try:
@@ -126,9 +211,12 @@ class EngineAdapter:
             GenerateContext(
                 control.id,
                 metadata=control.metadata,
-                trace_headers={k: v for k, v in headers.items() if k in ("traceparent", "tracestate")},
+                trace_headers={
+                    k: v for k, v in headers.items() if k in ("traceparent", "tracestate")
+                },
             )
         )
+        entry.task = asyncio.current_task()
         self.active[control.id] = entry
         self._idle.clear()
         if self.metrics is not None:
@@ -167,17 +255,30 @@ class EngineAdapter:
                 err = invalid_arg(f"malformed request body: {_short(exc)}")
                 home.send_prologue(err.message, typed_error=_typed(err))
                 return
+            try:
+                check_request(request, self.engine_config, self.mode)
+            except DynamoError as err:
+                home.send_prologue(err.message, typed_error=_typed(err))
+                return
             await self._stream(home, request, ctx)
         finally:
             await home.close()
 
-    async def _stream(self, home: CallHome, request: PreprocessedRequest, ctx: GenerateContext) -> None:
+    async def _stream(
+        self, home: CallHome, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> None:
         prologue_sent = False
         terminal = False
         count = 0
         stream = None
         try:
-            stream = maybe_validated(self.engine.generate(request, ctx), self.mode, force=self.validate)
+            stream = maybe_validated(
+                self.engine.generate(request, ctx), self.mode, force=self.validate
+            )
+            if self.stream_timeout:
+                stream = _inactivity_bounded(stream, self.stream_timeout)
+            if self.tracer is not None:
+                stream = self.tracer.wrap(stream, request, ctx)
             async for item in stream:
                 if not prologue_sent:
                     home.send_prologue()
@@ -195,6 +296,9 @@ class EngineAdapter:
                     home.send_error_item(f"engine produced an unencodable item: {exc}")
                     terminal = True
                     break
+                if count == 0:
+                    # Later frames coalesce per loop iteration; the first one (the TTFT) goes now.
+                    home.flush()
                 if item.finish_reason is not None:
                     terminal = True
                     if item.finish_reason is FinishReason.ERROR:

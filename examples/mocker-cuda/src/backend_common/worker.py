@@ -51,6 +51,8 @@ from .discovery.base import (
 )
 from .engine import LLMEngine
 from .errors import from_exception
+from .health import resolve_health_check_payload
+from .kv_events import EventPlane, setup_kv_routing
 from .metrics import WorkerMetrics
 from .modelcard import build_model_card
 from .status import StatusServer
@@ -103,6 +105,7 @@ class Worker:
         self._status: StatusServer | None = None
         self._card: dict[str, Any] | None = None
         self._health_payload: dict[str, Any] | None = None
+        self._events: EventPlane | None = None
         self._endpoint_suffix = f"/{config.namespace}/{config.component}/{config.endpoint}"
 
     # -- public --------------------------------------------------------------------
@@ -206,21 +209,15 @@ class Worker:
         self.metrics.set_model_load_time(load_time)
         await self.engine.setup_metrics(self.metrics.registry)
         if cfg.enable_kv_routing:
-            await self.engine.kv_event_sources()
-        self._health_payload = cfg.health_check_payload
-        if self._health_payload is None:
-            try:
-                payload = await self.engine.health_check_payload()
-            except Exception:  # noqa: BLE001
-                log.warning("engine.health_check_payload() failed; canary disabled", exc_info=True)
-                payload = None
-            if payload is not None and not isinstance(payload, dict):
-                log.warning("health_check_payload must return a JSON object (dict) or None")
-                payload = None
-            self._health_payload = payload
-        if self._health_payload is not None:
-            self._health_payload = {**self._health_payload, "_HEALTH_CHECK": True}
-        self.adapter = EngineAdapter(self.engine, mode=cfg.disaggregation_mode, metrics=self.metrics)
+            self._events = await setup_kv_routing(
+                self.engine, cfg, ec, self.instance_id, self.metrics.registry, self.metrics.labels
+            )
+        self._health_payload = await resolve_health_check_payload(
+            cfg.health_check_payload, self.engine
+        )
+        self.adapter = EngineAdapter(
+            self.engine, mode=cfg.disaggregation_mode, metrics=self.metrics, engine_config=ec
+        )
 
     async def _start_request_plane(self) -> None:
         cfg = self.config
@@ -228,9 +225,10 @@ class Worker:
         if cfg.request_plane == "nats":
             import nats
 
+            from .nats_options import nats_connect_options
             from .transport.nats import NatsRequestServer, nats_subject
 
-            self._nats = await nats.connect(servers=cfg.nats_server.split(","), name="backend_common")
+            self._nats = await nats.connect(**nats_connect_options(cfg.nats_server))
             subject = nats_subject(cfg.namespace, cfg.component, cfg.endpoint, self.instance_id)
             self._nats_server = NatsRequestServer(
                 self._nats, subject, admit=self._admit_nats, handle=self.adapter.handle
@@ -262,8 +260,13 @@ class Worker:
             assert self._tcp is not None
             transport = tcp_transport(self._tcp.host, self._tcp.port, instance_id, ns, comp, ep)
         assert self._card is not None
+        events = self._events.records(instance_id) if self._events is not None else []
         return [
-            (model_key(ns, comp, ep, instance_id), model_record(ns, comp, ep, instance_id, self._card)),
+            *events,
+            (
+                model_key(ns, comp, ep, instance_id),
+                model_record(ns, comp, ep, instance_id, self._card),
+            ),
             (
                 instance_key(ns, comp, ep, instance_id),
                 endpoint_record(ns, comp, ep, instance_id, transport, device_type=None),
@@ -363,6 +366,10 @@ class Worker:
         timeout = _env_float("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", 30.0)
         grace = _env_float("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", 5.0)
         assert self._discovery is not None
+        # Leave discovery first and keep serving through the grace period: the 1.6.1 frontend
+        # only retries a refused ("Server unavailable") request elsewhere when its
+        # --migration-limit is > 0, so refusing early would fail requests that raced the
+        # withdrawal (measured in docs/reliability.md, "Rolling restart").
         try:
             await asyncio.wait_for(self._discovery.unregister_all(), 5.0)
             log.info("Endpoint unregistered from discovery")
@@ -380,7 +387,9 @@ class Worker:
             log.warning("engine.drain() failed; continuing shutdown", exc_info=True)
         adapter = self.adapter
         if adapter is not None and adapter.active:
-            log.info("waiting for %d in-flight stream(s), up to %.1fs", len(adapter.active), timeout)
+            log.info(
+                "waiting for %d in-flight stream(s), up to %.1fs", len(adapter.active), timeout
+            )
             deadline = time.monotonic() + timeout
             while adapter.active and not self._shutdown_forced():
                 left = deadline - time.monotonic()
@@ -416,6 +425,7 @@ class Worker:
             self._nats_server.close if self._nats_server else None,
             self._nats.close if self._nats else None,
             self._status.close if self._status else None,
+            self._events.close if self._events else None,
             self._discovery.close if self._discovery else None,
         ):
             if closer is None:
@@ -424,4 +434,3 @@ class Worker:
                 await asyncio.wait_for(closer(), 5.0)
             except Exception:  # noqa: BLE001
                 log.debug("closing a transport failed", exc_info=True)
-

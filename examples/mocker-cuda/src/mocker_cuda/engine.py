@@ -16,6 +16,11 @@ terminal carrying usage.
 Roles: prefill (one token, handoff in ``disaggregated_params``), decode
 (needs the prefill peer's result; waits ``--kv-transfer-time-ms`` to simulate
 the KV transfer, then decodes without recomputing the prompt), aggregated.
+
+KV-aware routing: the KV cache reports every block it stores or evicts to a
+``KvEventPublisher`` (``kv_event_sources``), and a snapshot task pushes the
+cache usage (``dynamo_component_*`` gauges, the router's load signal) every
+``SNAPSHOT_INTERVAL_S`` while it changes.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from backend_common import (
 )
 from backend_common.disagg import enforce_prefill_max_tokens, require_prefill_result
 from backend_common.errors import engine_shutdown, invalid_arg
-from prometheus_client import CollectorRegistry
+from backend_common.kv_events import KvEventPublisher, PushSource
+from backend_common.publisher import ComponentSnapshot, SnapshotPublisher
+from prometheus_client import CollectorRegistry, Gauge
 
 from .mocker import metrics
 from .mocker.args import DEFAULT_MODEL_NAME, MockerSettings, add_mocker_args, build_engine
@@ -56,6 +63,24 @@ log = logging.getLogger(__name__)
 # Where the per-pass workload runs unless --device says otherwise (chosen at generation;
 # "cuda" falls back to cpu, with a warning, on a machine without a GPU).
 DEFAULT_DEVICE = "cuda"
+# How often the cache usage snapshot is pushed (only when it changed).
+SNAPSHOT_INTERVAL_S = 0.1
+
+
+class _KvEvents:
+    """Forwards the KV cache's stored/removed blocks to the worker's publisher."""
+
+    def __init__(self, publisher: KvEventPublisher) -> None:
+        self.publisher = publisher
+
+    def stored(
+        self, block_hashes: list[int], parent_hash: int | None, token_ids: list[int]
+    ) -> None:
+        sizes = [len(token_ids) // len(block_hashes)] * len(block_hashes)
+        self.publisher.publish_stored(token_ids, sizes, block_hashes, parent_hash)
+
+    def removed(self, block_hashes: list[int]) -> None:
+        self.publisher.publish_removed(block_hashes)
 
 
 class MockerCudaEngine(LLMEngine):
@@ -73,6 +98,11 @@ class MockerCudaEngine(LLMEngine):
         self.scheduler: Scheduler | None = None
         self.device: DeviceWorkload | None = None
         self._active: dict[str, GenerateContext] = {}
+        self._kv_publisher: KvEventPublisher | None = None
+        # Disaggregated handoffs: produced (prefill role) or received (decode role).
+        self.handoffs = 0
+        self._snapshots: SnapshotPublisher | None = None
+        self._snapshot_task: asyncio.Task[None] | None = None
         self._started = False
         self._closing = False
 
@@ -122,6 +152,8 @@ class MockerCudaEngine(LLMEngine):
             device=self.device,
             seed=s.seed,
         )
+        if self._kv_publisher is not None:
+            self.scheduler.kv.events = _KvEvents(self._kv_publisher)
         self.scheduler.start()
         log.info(
             "mocker backend started (num_gpu_blocks=%d, block_size=%d, speedup_ratio=%s, "
@@ -145,6 +177,8 @@ class MockerCudaEngine(LLMEngine):
     async def cleanup(self) -> None:
         """Stop every stream with a clean ``cancelled`` terminal, then the scheduler."""
         self._closing = True
+        if self._snapshot_task is not None:
+            self._snapshot_task.cancel()
         # Stop the contexts first: each stream then sees "stopped" before "channel closed".
         for ctx in list(self._active.values()):
             ctx.stop_generating()
@@ -218,6 +252,8 @@ class MockerCudaEngine(LLMEngine):
         kv_transferred = False
         if self.mode is DisaggregationMode.DECODE:
             kv_transferred = require_prefill_result(request, self.mode) is not None
+            if kv_transferred and not request.is_probe:
+                self.handoffs += 1
         prompt_len = len(request.token_ids)
         max_tokens = self._limit_max_tokens(request)
         if max_tokens == 0 or ctx.is_stopped():
@@ -290,6 +326,7 @@ class MockerCudaEngine(LLMEngine):
                     final = LLMEngineOutput(finish_reason=out.finish).with_tokens([out.token])
                     final.with_usage(usage(prompt_len, generated))
                     if self.mode is DisaggregationMode.PREFILL:
+                        self.handoffs += 1
                         final.disaggregated_params = {
                             "mocker_handle": self._handle(ctx),
                             "completed_tokens": [out.token],
@@ -315,8 +352,47 @@ class MockerCudaEngine(LLMEngine):
 
     async def setup_metrics(self, registry: CollectorRegistry) -> None:
         metrics.register(registry, lambda: self.scheduler)
+        Gauge(
+            "mocker_disagg_handoffs",
+            "KV handoffs produced (prefill role) or received in prefill_result (decode role)",
+            registry=registry,
+        ).set_function(lambda: self.handoffs)
 
     async def kv_event_sources(self) -> list[Any]:
-        # KV events are a later addition: the hook is ``KvCache.events`` (mocker/kv_cache.py),
-        # which receives stored/removed block hashes; a publisher built on it goes here.
-        return []
+        if not self.settings.enable_prefix_caching:
+            return []  # nothing is ever reusable: the router has nothing to match
+        return [PushSource(self._attach_kv_publisher, dp_rank=0)]
+
+    def _attach_kv_publisher(self, publisher: KvEventPublisher) -> None:
+        # Called once by the worker, after start(): hook the live cache up.
+        self._kv_publisher = publisher
+        if self.scheduler is not None:
+            self.scheduler.kv.events = _KvEvents(publisher)
+
+    def component_metrics_dp_ranks(self) -> list[int]:
+        return [0]
+
+    def attach_snapshot_publisher(self, publisher: SnapshotPublisher) -> None:
+        self._snapshots = publisher
+        self._snapshot_task = asyncio.get_running_loop().create_task(self._push_snapshots())
+
+    async def _push_snapshots(self) -> None:
+        last: tuple[int, int] | None = None
+        while not self._closing:
+            scheduler, publisher = self.scheduler, self._snapshots
+            if scheduler is not None and publisher is not None:
+                stats = scheduler.kv.stats()
+                key = (stats.used_blocks, stats.prefix_queries)
+                if key != last:
+                    last = key
+                    publisher.publish(
+                        0,
+                        ComponentSnapshot(
+                            kv_used_blocks=stats.used_blocks,
+                            kv_total_blocks=stats.num_blocks,
+                            gpu_cache_usage=stats.utilisation,
+                            dp_rank=0,
+                            kv_cache_hit_rate=stats.hit_rate if stats.prefix_queries else None,
+                        ),
+                    )
+            await asyncio.sleep(SNAPSHOT_INTERVAL_S)

@@ -64,9 +64,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="local directory with tokenizer.json, tokenizer_config.json, config.json",
     )
     g.add_argument("--served-model-name", default=_env("DYN_SERVED_MODEL_NAME"))
-    g.add_argument(
-        "--endpoint-types", default=_env("DYN_ENDPOINT_TYPES", "chat,completions")
-    )
+    g.add_argument("--endpoint-types", default=_env("DYN_ENDPOINT_TYPES", "chat,completions"))
     g.add_argument(
         "--discovery-backend",
         choices=["etcd", "file"],
@@ -92,9 +90,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         default=_env_bool("DYN_DISABLE_KV_ROUTING"),
     )
-    g.add_argument(
-        "--migration-limit", type=int, default=int(_env("DYN_MIGRATION_LIMIT", 0))
-    )
+    g.add_argument("--migration-limit", type=int, default=int(_env("DYN_MIGRATION_LIMIT", 0)))
     g.add_argument("--custom-jinja-template", default=_env("DYN_CUSTOM_JINJA_TEMPLATE"))
     g.add_argument(
         "--tool-call-parser",
@@ -108,7 +104,26 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         dest="reasoning_parser",
         default=_env("DYN_REASONING_PARSER"),
     )
+    g.add_argument(
+        "--structural-tag",
+        type=_json_object,
+        default=_env("DYN_STRUCTURAL_TAG"),
+        help="structural-tag settings for tool calling, a JSON object "
+        '(e.g. \'{"scope": "always"}\'); published in the model card',
+    )
     return parser
+
+
+def _json_object(value: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return parsed
 
 
 def worker_config_from_args(args: argparse.Namespace, **overrides: Any) -> WorkerConfig:
@@ -131,6 +146,7 @@ def worker_config_from_args(args: argparse.Namespace, **overrides: Any) -> Worke
         custom_jinja_template=args.custom_jinja_template,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
+        structural_tag=_json_object(getattr(args, "structural_tag", None)),
         enable_kv_routing=not args.disable_kv_routing,
         migration_limit=args.migration_limit,
         health_check_payload=parse_health_check_payload(args.health_check_payload),

@@ -119,7 +119,8 @@ class StatusServer:
         if self._health is None:
             return web.json_response({"status": "healthy"})
         try:
-            ok, details = await asyncio.wait_for(self._health(), self._health_timeout)
+            async with asyncio.timeout(self._health_timeout):
+                ok, details = await self._health()
         except Exception as exc:  # noqa: BLE001 - a failing check means unhealthy, not a 500
             ok, details = False, {"error": f"health check failed: {exc!r}"}
         body = {"status": "healthy" if ok else "unhealthy", **(details or {})}

@@ -119,6 +119,7 @@ class EtcdDiscovery(Discovery):
         self._keepalive: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # serialises puts against re-registration
         self._closed = False
+        self._stopping = False
         self.on_reregistered = None
         self.reregistrations = 0  # how many times a lost lease was replaced
 
@@ -179,7 +180,8 @@ class EtcdDiscovery(Discovery):
         for index in range(len(self._endpoints)):
             client = self._new_client(index)
             try:
-                await asyncio.wait_for(client.status(), RPC_TIMEOUT_S + 1)
+                async with asyncio.timeout(RPC_TIMEOUT_S + 1):
+                    await client.status()
                 # A read checks the credentials now (etcd 3.5 grants leases without auth).
                 await client.get(b"v1/instances/")
                 lease = await client.lease(self._ttl)
@@ -194,6 +196,7 @@ class EtcdDiscovery(Discovery):
                 lease.id,
                 lease.ttl,
             )
+            self._stopping = False
             self._keepalive = asyncio.create_task(self._keepalive_loop(), name="etcd-keepalive")
             return
         raise cannot_connect("cannot reach etcd (ETCD_ENDPOINTS): " + "; ".join(errors))
@@ -239,7 +242,8 @@ class EtcdDiscovery(Discovery):
         if lease_id is None or self._client is None:
             return
         try:
-            await asyncio.wait_for(self._client.revoke_lease(lease_id), RPC_TIMEOUT_S + 1)
+            async with asyncio.timeout(RPC_TIMEOUT_S + 1):
+                await self._client.revoke_lease(lease_id)
             log.info("etcd lease %x revoked; instance unregistered", lease_id)
         except Exception as exc:  # noqa: BLE001 - the lease will expire anyway
             log.warning("etcd lease revoke failed (keys expire in %ss): %r", self._ttl, exc)
@@ -261,23 +265,33 @@ class EtcdDiscovery(Discovery):
         return self._client, self._lease_id
 
     async def _stop_keepalive(self) -> None:
+        """Stop the keep-alive task, bounded.
+
+        The flag matters: on Python 3.11 ``asyncio.wait_for`` can swallow a
+        cancellation that races with its inner call completing, so a cancelled loop
+        might otherwise keep running (and an unbounded ``await task`` hang).
+        """
+        self._stopping = True
         task, self._keepalive = self._keepalive, None
-        if task is not None and task is not asyncio.current_task():
+        if task is None or task is asyncio.current_task():
+            return
+        for _ in range(3):
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            done, _ = await asyncio.wait({task}, timeout=1.0)
+            if done:
+                return
+        log.warning("etcd keep-alive task did not stop; abandoning it")
 
     async def _keepalive_loop(self) -> None:
         """Refresh every ttl/3; on errors retry quickly; replace a lost lease."""
         interval = self._ttl / 3
         delay = RETRY_MIN_S
         outage_logged = False
-        while True:
+        while not self._stopping:
             try:
                 client, lease_id = self._require()
-                reply = await asyncio.wait_for(client.refresh_lease(lease_id), RPC_TIMEOUT_S)
+                async with asyncio.timeout(RPC_TIMEOUT_S):
+                    reply = await client.refresh_lease(lease_id)
                 if reply is None or reply.TTL <= 0:
                     log.warning("etcd lease %x is gone; registering again", lease_id)
                     await self._reregister()
@@ -289,6 +303,8 @@ class EtcdDiscovery(Discovery):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - never let an outage kill the worker
+                if self._stopping:
+                    return
                 if not outage_logged:
                     log.warning("etcd keep-alive failed endpoint=%s: %r", self.endpoint, exc)
                     outage_logged = True
@@ -357,13 +373,15 @@ def _typed(exc: Exception, what: str) -> DynamoError:
 
 async def _ignore(coro: Any) -> None:
     try:
-        await asyncio.wait_for(coro, RPC_TIMEOUT_S)
+        async with asyncio.timeout(RPC_TIMEOUT_S):
+            await coro
     except Exception:  # noqa: BLE001
         pass
 
 
 async def _close_quietly(client: aetcd.Client) -> None:
     try:
-        await asyncio.wait_for(client.close(), RPC_TIMEOUT_S)
+        async with asyncio.timeout(RPC_TIMEOUT_S):
+            await client.close()
     except Exception:  # noqa: BLE001
         pass

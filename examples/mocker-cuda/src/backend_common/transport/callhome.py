@@ -4,9 +4,12 @@ Lifecycle, driven by the worker's request handler (one ``CallHome`` per request)
 
 1. ``connect(address, subject, codec, on_control=...)`` opens the socket and sends the handshake;
 2. ``send_prologue()`` (or ``send_prologue(error, typed_error)`` then ``close()``);
-3. ``send_item(item)`` per output item — a plain ``transport.write``, no await, so frames produced
-   while the socket is busy coalesce in the transport buffer; the handler calls ``await drain()``
-   every few items, which only waits when the buffer is over its high-water mark;
+3. ``send_item(item)`` per output item — no await: the frame is queued and every frame queued
+   during one event-loop iteration goes out in ONE ``transport.write`` (a ``call_soon`` flush),
+   so an engine that yields several tokens at once costs one send syscall, not one per token,
+   and no frame waits longer than the current loop iteration; the handler calls
+   ``await drain()`` every few items, which flushes and only waits when the buffer is over its
+   high-water mark;
 4. ``await finish()``: ``complete_final`` + ``sentinel``, drain, then close once the frontend has
    closed its side (bounded to ``linger`` seconds, so a silent peer cannot hold the socket).
 
@@ -75,6 +78,10 @@ class CallHome:
         self.peer_closed = False
         self.control: str | None = None  # last "stop"/"kill" received
         self._reader_task: asyncio.Task[None] | None = None
+        # Frames written this loop iteration, flushed together by `_flush` (see the docstring).
+        self._pending: list[bytes] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
 
     @classmethod
     async def connect(
@@ -95,7 +102,9 @@ class CallHome:
         if codec not in CODECS:
             raise WireError(f"unknown payload codec {codec!r}")
         host, port = split_address(address)
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        # asyncio.timeout, not wait_for: no extra task and loop iteration on the TTFT path.
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
         set_nodelay(writer)
         self = cls(reader, writer, subject, codec, on_control, linger)
         writer.write(handshake_frame(subject))
@@ -114,8 +123,27 @@ class CallHome:
     def _write(self, frame: bytes) -> bool:
         if self.closed:
             return False
-        self._transport.write(frame)
+        self._pending.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
         return True
+
+    def flush(self) -> None:
+        """Write the queued frames now instead of at the end of this loop iteration (the
+        handler does this for the first token, whose latency is the TTFT)."""
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write every queued frame at once (dropped if the stream closed meanwhile)."""
+        self._flush_scheduled = False
+        pending = self._pending
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        if not self.closed:
+            self._transport.write(data)
 
     def send_prologue(
         self, error: str | None = None, typed_error: dict[str, Any] | None = None
@@ -131,7 +159,7 @@ class CallHome:
         ``WireError`` if the item cannot be encoded with this stream's codec.
         """
         if not self.closed:
-            self._transport.write(item_frame(item, self.codec))
+            self._write(item_frame(item, self.codec))
 
     def send_error_item(self, message: str) -> None:
         """Mid-stream error item ``{"event": "error", "comment": [message]}``."""
@@ -140,6 +168,7 @@ class CallHome:
     async def drain(self) -> None:
         """Wait while the transport buffer is over its high-water mark. Never raises on a lost
         connection (the reader reports it through ``on_control``)."""
+        self._flush()
         if self.closed:
             return
         try:
@@ -163,6 +192,7 @@ class CallHome:
         """Close the socket now (after an error prologue, or on cancellation). Idempotent."""
         if self._closed:
             return
+        self._flush()  # e.g. an error prologue written just before close()
         self._closed = True
         task = self._reader_task
         if task is not None and task is not asyncio.current_task() and not task.done():

@@ -22,35 +22,37 @@ Who calls what: only the scheduler, on the event loop thread.
 ``free`` when it finishes, is cancelled or is preempted. ``free`` is idempotent,
 so the engine's per-request guard may call it again: blocks never leak.
 
-KV events (a later addition): ``events`` receives ``stored(hashes)`` when full
-blocks enter the cache and ``removed(hashes)`` when they leave it. That is the
-one place a KV-event publisher hooks in.
+KV events: ``events`` receives ``stored(hashes, parent, tokens)`` for each
+contiguous run of full blocks that enters the cache (``parent`` is the hash of
+the block before the run, ``tokens`` the run's tokens) and ``removed(hashes)``
+when blocks leave it. Block hashes are Dynamo's chained block ids
+(``backend_common.kv_events.block_hash``), so the KV router, which hashes the
+request's tokens the same way, finds the blocks this cache holds.
 """
 
 from __future__ import annotations
 
 import itertools
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from blake3 import blake3
+from backend_common.kv_events import block_hash
 
 __all__ = ["KvCache", "KvCacheStats", "KvEventSink", "chain_hash"]
 
 
 class KvEventSink(Protocol):
-    def stored(self, block_hashes: list[int], parent_hash: int | None) -> None: ...
+    def stored(
+        self, block_hashes: list[int], parent_hash: int | None, token_ids: list[int]
+    ) -> None: ...
 
     def removed(self, block_hashes: list[int]) -> None: ...
 
 
 def chain_hash(parent: int | None, tokens: list[int]) -> int:
-    """The 64-bit hash of a full block given its parent block's hash."""
-    h = blake3((parent or 0).to_bytes(8, "little"))
-    h.update(struct.pack(f"<{len(tokens)}I", *(t & 0xFFFFFFFF for t in tokens)))
-    return int.from_bytes(h.digest(8), "little")
+    """The 64-bit id of a full block given its parent block's id (Dynamo's scheme)."""
+    return block_hash(parent, tokens)
 
 
 @dataclass
@@ -199,23 +201,30 @@ class KvCache:
         available = self.free_blocks - revived + (1 if release_partial else 0)
         if fresh > available:
             return False
-        # Commit.
-        stored: list[int] = []
-        for key, hit in plan:
+        # Commit. Newly stored blocks are reported per contiguous run (one parent each).
+        runs: list[tuple[int | None, list[int], int]] = []  # (parent, hashes, first index)
+        prev = parent
+        for offset, (key, hit) in enumerate(plan):
             if hit:
                 if key in self._evictable:
                     del self._evictable[key]
                 self._refs[key] = self._refs.get(key, 0) + 1
             else:
                 self._refs[key] = 1
-                stored.append(key)
+                if runs and runs[-1][1][-1] == prev:
+                    runs[-1][1].append(key)
+                else:
+                    runs.append((prev, [key], start + offset))
             seq.keys.append(key)
+            prev = key
         self._partials += int(want_partial) - int(seq.partial)
         seq.partial = want_partial
         self._seqs[seq_id] = seq
         self._evict_overflow()
-        if stored and self.events is not None and self.enable_prefix_caching:
-            self.events.stored(stored, parent)
+        if runs and self.events is not None and self.enable_prefix_caching:
+            for run_parent, hashes, first in runs:
+                tokens_of_run = tokens[first * bs : (first + len(hashes)) * bs]
+                self.events.stored(hashes, run_parent, list(tokens_of_run))
         return True
 
     def free(self, seq_id: str) -> None:

@@ -1,0 +1,147 @@
+"""The health canary: payload precedence, the ``_HEALTH_CHECK`` marker, and ``/health``.
+
+Precedence (Dynamo's): the operator override (``--health-check-payload``, whose default is
+``DYN_HEALTH_CHECK_PAYLOAD``) > ``DYN_HEALTH_CHECK_PAYLOAD`` for configs built in code >
+``engine.health_check_payload()``; the winner is stamped ``_HEALTH_CHECK: true``. A worker
+whose engine fails the canary reports 503 on its status server's ``/health``, and 200 again
+once the canary passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from inproc_worker import file_config, running_worker
+
+from backend_common import GenerateContext, LLMEngineOutput, PreprocessedRequest
+from backend_common.args import add_common_args, worker_config_from_args
+from backend_common.errors import unknown
+from backend_common.health import (
+    build_health_check_payload,
+    resolve_health_check_payload,
+)
+from backend_common.reference import ReferenceEngine
+
+ENGINE_PAYLOAD = {"token_ids": [3], "stop_conditions": {"max_tokens": 1}}
+
+
+class CanaryEngine(ReferenceEngine):
+    """Records every probe it sees; fails probes while ``failing`` is set."""
+
+    def __init__(self, payload: dict[str, Any] | None = ENGINE_PAYLOAD) -> None:
+        super().__init__("canary-model")
+        self.payload = payload
+        self.failing = False
+        self.probes: list[PreprocessedRequest] = []
+
+    async def health_check_payload(self) -> dict[str, Any] | None:
+        return self.payload
+
+    async def generate(
+        self, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> AsyncIterator[LLMEngineOutput]:
+        if request.is_probe:
+            self.probes.append(request)
+            if self.failing:
+                raise unknown("simulated device failure")
+        async for item in super().generate(request, ctx):
+            yield item
+
+
+# -- precedence ------------------------------------------------------------------------------
+async def test_engine_payload_is_used_and_stamped(monkeypatch) -> None:
+    monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD", raising=False)
+    payload = await resolve_health_check_payload(None, CanaryEngine())
+    assert payload == {**ENGINE_PAYLOAD, "_HEALTH_CHECK": True}
+
+
+async def test_env_beats_engine_and_override_beats_env(monkeypatch) -> None:
+    monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", '{"token_ids": [9], "_HEALTH_CHECK": false}')
+    from_env = await resolve_health_check_payload(None, CanaryEngine())
+    assert from_env == {"token_ids": [9], "_HEALTH_CHECK": True}  # marker forced on
+    override = await resolve_health_check_payload({"token_ids": [4]}, CanaryEngine())
+    assert override == {"token_ids": [4], "_HEALTH_CHECK": True}
+    # An operator's empty object replaces the engine's payload entirely.
+    assert await resolve_health_check_payload({}, CanaryEngine()) == {"_HEALTH_CHECK": True}
+
+
+async def test_flag_beats_env_through_the_cli(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", '{"token_ids": [9]}')
+    parser = add_common_args(argparse.ArgumentParser())
+    from_env = worker_config_from_args(parser.parse_args([]))
+    assert from_env.health_check_payload == {"token_ids": [9], "_HEALTH_CHECK": True}
+    f = tmp_path / "canary.json"
+    f.write_text('{"token_ids": [5]}')
+    parser = add_common_args(argparse.ArgumentParser())
+    flagged = worker_config_from_args(parser.parse_args(["--health-check-payload", f"@{f}"]))
+    assert flagged.health_check_payload == {"token_ids": [5], "_HEALTH_CHECK": True}
+
+
+async def test_invalid_payloads_disable_the_canary(monkeypatch) -> None:
+    monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", "[1, 2]")
+    assert await resolve_health_check_payload(None, CanaryEngine()) is None
+    monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD")
+    assert await resolve_health_check_payload(None, CanaryEngine(payload=[1])) is None  # type: ignore[arg-type]
+
+
+def test_build_health_check_payload() -> None:
+    payload = build_health_check_payload(7, extras={"sampling_options": {"seed": 1}})
+    assert payload["token_ids"] == [7] and payload["_HEALTH_CHECK"] is True
+    assert payload["stop_conditions"] == {"max_tokens": 1, "ignore_eos": True}
+    assert payload["sampling_options"] == {"seed": 1}
+    assert PreprocessedRequest.from_dict(payload).is_probe
+
+
+# -- /health on a running worker -------------------------------------------------------------
+async def get_health(base: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/health", timeout=aiohttp.ClientTimeout(total=15)) as r:
+            return r.status, await r.json()
+
+
+async def test_health_reports_unhealthy_while_the_canary_fails(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
+    monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD", raising=False)
+    engine = CanaryEngine()
+    async with running_worker(engine, file_config(tmp_path)) as (_worker, base):
+        status, body = await get_health(base)
+        assert status == 200, body
+        assert body["status"] == "healthy"
+
+        engine.failing = True
+        status, body = await get_health(base)
+        assert status == 503, body
+        assert body["status"] == "unhealthy"
+        assert "simulated device failure" in body["canary"]
+
+        engine.failing = False
+        status, _ = await get_health(base)
+        assert status == 200
+    # Every canary was the engine's payload, marked as a probe.
+    assert len(engine.probes) == 3
+    assert all(p.is_probe and p.token_ids == [3] for p in engine.probes)
+
+
+async def test_override_payload_reaches_the_engine(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
+    engine = CanaryEngine()
+    config = file_config(tmp_path, health_check_payload={"token_ids": [8, 9]})
+    async with running_worker(engine, config) as (_worker, base):
+        status, _ = await get_health(base)
+        assert status == 200
+    assert [p.token_ids for p in engine.probes] == [[8, 9]]
+
+
+@pytest.mark.parametrize("payload", [None])
+async def test_no_canary_means_healthy_while_serving(monkeypatch, tmp_path, payload) -> None:
+    monkeypatch.setenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
+    monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD", raising=False)
+    engine = CanaryEngine(payload=payload)
+    async with running_worker(engine, file_config(tmp_path)) as (_worker, base):
+        status, body = await get_health(base)
+    assert status == 200 and body["canary"] == "disabled"
+    assert engine.probes == []
