@@ -62,7 +62,9 @@ def run_demo(dest: Path, answers: dict[str, str]) -> int:
 
     frontend_python = find_frontend_python()
     if frontend_python is None:
-        print("error: the real Dynamo frontend is not installed; run `make frontend`", file=sys.stderr)
+        print(
+            "error: the real Dynamo frontend is not installed; run `make frontend`", file=sys.stderr
+        )
         return 2
     if dest.exists():
         shutil.rmtree(dest)

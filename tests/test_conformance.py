@@ -12,6 +12,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter
+
 from backend_common import (
     EngineConfig,
     GenerateContext,
@@ -33,7 +35,6 @@ from backend_common.testing import (
     run_conformance,
     standard_request,
 )
-from prometheus_client import CollectorRegistry, Counter
 
 BOUND_S = 5.0
 

@@ -15,9 +15,9 @@ import urllib.request
 
 import aiohttp
 import pytest
+from conftest import Stack, free_port, wait_until
 
 from backend_common.devstack.openai import chat, completion
-from conftest import Stack, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client import CollectorRegistry
+
 from backend_common import (
     EngineConfig,
     GenerateContext,
@@ -11,7 +13,6 @@ from backend_common import (
     PreprocessedRequest,
     WorkerConfig,
 )
-from prometheus_client import CollectorRegistry
 
 
 class Minimal(LLMEngine):

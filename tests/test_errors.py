@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+
 from backend_common import errors
 from backend_common.errors import BackendError, DynamoError, ErrorType, from_exception
 

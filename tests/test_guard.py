@@ -7,6 +7,7 @@ import gc
 import logging
 
 import pytest
+
 from backend_common import RequestGuard
 
 BOUND_S = 2.0

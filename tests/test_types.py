@@ -11,6 +11,7 @@ import json
 
 import pydantic
 import pytest
+
 from backend_common.types import (
     U32_MAX,
     FinishReason,

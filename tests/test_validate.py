@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from backend_common import LLMEngineOutput, chunk
 from backend_common.config import DisaggregationMode
 from backend_common.validate import (
