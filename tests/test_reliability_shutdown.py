@@ -168,6 +168,9 @@ async def test_drain_refuses_new_finishes_short_cancels_long(make_stack, etcd) -
         await asyncio.to_thread(
             wait_until, lambda: scrape(port)["dynamo_component_inflight_requests"] == 32, 10
         )
+        # Every response stream must be connected before the instance leaves discovery: the
+        # 1.6.1 frontend fails still-connecting streams of a removed instance (see the doc).
+        await asyncio.sleep(0.3)
         t_sigterm = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.8)  # past the grace period: admission is closed
