@@ -301,6 +301,8 @@ class Worker:
 
     # -- admission --------------------------------------------------------------------
     def _admit(self, path: str) -> str | None:
+        ph = getattr(self, "_exp_phase", "run")
+        log.warning("EXP admit phase=%s t=%.3f", ph, time.monotonic() - getattr(self, "_exp_t0", 0))
         if not path.endswith(self._endpoint_suffix):
             return f"Server unavailable: unknown endpoint {path}"
         if not self._accepting:
@@ -366,19 +368,35 @@ class Worker:
         timeout = _env_float("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", 30.0)
         grace = _env_float("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", 5.0)
         assert self._discovery is not None
-        # Leave discovery first and keep serving through the grace period: the 1.6.1 frontend
-        # only retries a refused ("Server unavailable") request elsewhere when its
-        # --migration-limit is > 0, so refusing early would fail requests that raced the
-        # withdrawal (measured in docs/reliability.md, "Rolling restart").
+        order = os.environ.get("DYN_EXP_ORDER", "all")
+        gap = _env_float("DYN_EXP_GAP", 1.0)
+        refuse = os.environ.get("DYN_EXP_REFUSE", "1") == "1"
+        self._exp_t0 = time.monotonic()
+        log.warning("EXP sigterm at %.3f inflight=%d", self._exp_t0, len(self.adapter.active) if self.adapter else -1)
+        self._exp_phase = "sigterm"
+        recs = list(self._discovery.records)
+        mdc = [k for k in recs if k.startswith("v1/mdc/")]
+        inst = [k for k in recs if k.startswith("v1/instances/")]
         try:
-            await asyncio.wait_for(self._discovery.unregister_all(), 5.0)
-            log.info("Endpoint unregistered from discovery")
+            if order == "all":
+                await asyncio.wait_for(self._discovery.unregister_all(), 5.0)
+            else:
+                first, second = (mdc, inst) if order == "mdc_first" else (inst, mdc)
+                for k in first:
+                    await self._discovery.delete(k)
+                self._exp_phase = "first_deleted"
+                log.warning("EXP first deleted %s", first)
+                await self._sleep_unless_forced(gap)
+                await asyncio.wait_for(self._discovery.unregister_all(), 5.0)
+            self._exp_phase = "all_deleted"
+            log.warning("EXP all deleted")
         except Exception:  # noqa: BLE001
             log.warning("discovery unregister failed", exc_info=True)
         if grace > 0:
-            log.info("Grace period %.2fs before drain", grace)
             await self._sleep_unless_forced(grace)
-        self._accepting = False
+        if refuse:
+            self._accepting = False
+        self._exp_phase = "drain"
 
         drain_started = time.monotonic()
         try:

@@ -9,9 +9,12 @@ forward pass on the GPU when there is one. Token ids are deterministic draws in
 Per request (``generate``): a channel is registered with the scheduler and a
 ``RequestGuard`` frees the request's KV blocks and removes it from the
 scheduler on every exit path (finish, error, cancel, dropped stream). The
-stream checks cancellation first, then races the channel against
-``ctx.stopped()``, so a stop always ends it with a clean ``cancelled``
-terminal carrying usage.
+stream checks ``ctx.is_stopped()`` first on every iteration (cancellation wins
+over tokens already waiting), then takes every token the channel holds and
+yields them as one item (one token when it keeps up, several when it lags), or
+awaits the channel. One watcher task per request (never one per token) wakes
+that await when the context is stopped, so a stop always ends the stream with
+a clean ``cancelled`` terminal whose usage counts exactly the streamed tokens.
 
 Roles: prefill (one token, handoff in ``disaggregated_params``), decode
 (needs the prefill peer's result; waits ``--kv-transfer-time-ms`` to simulate
@@ -41,7 +44,6 @@ from backend_common import (
     PreprocessedRequest,
     RequestGuard,
     WorkerConfig,
-    chunk,
     usage,
 )
 from backend_common.disagg import enforce_prefill_max_tokens, require_prefill_result
@@ -52,6 +54,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from .mocker import metrics
 from .mocker.args import DEFAULT_MODEL_NAME, MockerSettings, add_mocker_args, build_engine
+from .mocker.channel import TokenChannel
 from .mocker.device import DeviceWorkload
 from .mocker.scheduler import Scheduler, SchedulerConfig, Sequence
 from .mocker.timing import TimingModel
@@ -65,6 +68,22 @@ log = logging.getLogger(__name__)
 DEFAULT_DEVICE = "cuda"
 # How often the cache usage snapshot is pushed (only when it changed).
 SNAPSHOT_INTERVAL_S = 0.1
+
+
+async def _interrupt_on_stop(ctx: GenerateContext, channel: TokenChannel) -> None:
+    """Per request: wake the stream's channel wait when ``ctx`` is stopped (or already was)."""
+    await ctx.stopped()
+    channel.interrupt()
+
+
+async def _simulated_transfer(ctx: GenerateContext, channel: TokenChannel, seconds: float) -> None:
+    """The decode role's KV transfer: ``seconds`` of waiting that a stop ends early."""
+    try:
+        async with asyncio.timeout(seconds):
+            while not ctx.is_stopped():
+                await channel.wait()  # nothing is pushed yet: only the stop watcher wakes it
+    except TimeoutError:
+        pass
 
 
 class _KvEvents:
@@ -278,65 +297,50 @@ class MockerCudaEngine(LLMEngine):
             raise invalid_arg(str(exc)) from exc
 
         request_id = seq.request_id
+        channel = seq.channel
         self._active[request_id] = ctx
         generated = 0
-        stop_waiter: asyncio.Future[Any] | None = None
-        getter: asyncio.Future[Any] | None = None
+        watcher = asyncio.get_running_loop().create_task(_interrupt_on_stop(ctx, channel))
         with RequestGuard(lambda: self._release(request_id)):
             try:
                 if kv_transferred and self.settings.kv_transfer_time_ms > 0:
-                    stop_waiter = asyncio.ensure_future(ctx.stopped())
-                    await asyncio.wait({stop_waiter}, timeout=self._kv_transfer_seconds())
+                    await _simulated_transfer(ctx, channel, self._kv_transfer_seconds())
                 try:
-                    channel = self.scheduler.add(seq)
+                    self.scheduler.add(seq)
                 except ValueError as exc:
                     raise invalid_arg(str(exc)) from exc
                 except RuntimeError as exc:
                     raise engine_shutdown("mocker backend is shutting down") from exc
                 while True:
-                    # Cancellation first: it wins over a token that is already waiting.
+                    # Cancellation first: it wins over tokens that are already waiting.
                     if ctx.is_stopped():
                         yield LLMEngineOutput.cancelled().with_usage(usage(prompt_len, generated))
                         return
-                    if channel.empty():
-                        if stop_waiter is None:
-                            stop_waiter = asyncio.ensure_future(ctx.stopped())
-                        getter = asyncio.ensure_future(channel.get())
-                        await asyncio.wait(
-                            {getter, stop_waiter}, return_when=asyncio.FIRST_COMPLETED
-                        )
-                        if not getter.done():
-                            getter.cancel()
-                            getter = None
-                            continue  # stopped: the check above ends the stream
-                        out = getter.result()
-                        getter = None
-                        if ctx.is_stopped():
-                            continue
-                    else:
-                        out = channel.get_nowait()
-                    if out.closed:
+                    if not channel.ready:
+                        await channel.wait()
+                        continue  # woken by tokens, a close or a stop: check the stop first
+                    tokens = channel.take()
+                    if not tokens:
                         raise engine_shutdown(
                             "mocker backend: scheduler stopped before the request completed"
                         )
-                    generated += 1
-                    if out.finish is None:
-                        yield chunk.token(out.token)
+                    generated += len(tokens)
+                    finish = channel.finish  # set only with the last token, now taken
+                    if finish is None:
+                        yield LLMEngineOutput(tokens)
                         continue
-                    final = LLMEngineOutput(finish_reason=out.finish).with_tokens([out.token])
+                    final = LLMEngineOutput(tokens, finish)
                     final.with_usage(usage(prompt_len, generated))
                     if self.mode is DisaggregationMode.PREFILL:
                         self.handoffs += 1
                         final.disaggregated_params = {
                             "mocker_handle": self._handle(ctx),
-                            "completed_tokens": [out.token],
+                            "completed_tokens": list(tokens),
                         }
                     yield final
                     return
             finally:
-                for fut in (getter, stop_waiter):
-                    if fut is not None and not fut.done():
-                        fut.cancel()
+                watcher.cancel()
 
     # -- worker hooks -------------------------------------------------------------------
     async def health_check_payload(self) -> dict[str, Any] | None:

@@ -21,15 +21,26 @@ Shape (vLLM's, as Dynamo's mocker simulates it):
   on batching or preemption. Stop checks, in order: EOS (unless
   ``ignore_eos``) and ``stop_token_ids``, both only once ``min_tokens`` were
   generated; then ``max_tokens``.
-* Every sampled token goes to the sequence's channel (an unbounded
-  ``asyncio.Queue`` of ``SeqOutput``), with ``finish`` set on the last one;
-  a finished sequence frees its blocks in the same pass.
+* Every sampled token goes to the sequence's ``TokenChannel`` (``channel.py``),
+  with ``finish`` set on the last one; a finished sequence frees its blocks in
+  the same pass.
+* Pacing (``start``): a pass is due ``TimingModel.step_seconds`` after the
+  previous one was due (a simulated clock). The loop sleeps only while it is
+  ahead of that clock by more than ``MIN_SLEEP_S``. When it is behind (a huge
+  speed-up ratio, or ratio 0: Python cannot run a pass in the 6 us a decode
+  pass lasts at ratio 1000) it runs passes back to back and yields to the
+  event loop (``sleep(0)``) once every ``BUSY_SLICE_S`` of work: the streams
+  then take the tokens of several passes as one item each (one write to the
+  frontend instead of one per token), and new requests are still accepted
+  within a slice. It never accumulates more than ``MAX_LAG_S`` of debt.
+* The device workload runs inline when it is tiny (``DeviceWorkload.inline``),
+  else in a worker thread so the loop keeps serving streams meanwhile.
 
 Who calls what, all on the event loop's thread: the engine calls ``add`` once
 per request (it returns the channel), ``remove`` from the request's guard on
 every exit path (idempotent: frees the blocks of a cancelled, dropped or
 finished request), ``start`` once and ``stop`` at cleanup (every remaining
-channel then receives ``CLOSED``). Tests drive passes synchronously with
+channel is then closed). Tests drive passes synchronously with
 ``step()`` instead of ``start``.
 """
 
@@ -46,15 +57,14 @@ from dataclasses import dataclass, field
 from backend_common.types import FinishReason
 from blake3 import blake3
 
+from .channel import TokenChannel
 from .device import DeviceWorkload
 from .kv_cache import KvCache
 from .timing import TimingModel
 
 __all__ = [
-    "CLOSED",
     "Scheduler",
     "SchedulerConfig",
-    "SeqOutput",
     "Sequence",
     "StepPlan",
     "TOKEN_ID_RANGE",
@@ -64,6 +74,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TOKEN_ID_RANGE = (1000, 2000)  # like Dynamo's mocker: ids that no special token uses
+# Pacing: sleeping less than this is not worth a timer (the loop just yields instead) ...
+MIN_SLEEP_S = 1e-4
+# ... and a loop that fell behind its simulated clock never owes more than this.
+MAX_LAG_S = 0.005
+# A loop that is behind runs passes back to back for this long before it yields.
+BUSY_SLICE_S = 0.0005
+
+# Where a sequence is: the scheduler's queues, or gone (finished, removed, preempted-and-removed).
+WAITING, RUNNING, GONE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -82,18 +101,6 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
-
-
-@dataclass(frozen=True)
-class SeqOutput:
-    """One item on a request's channel: a sampled token, maybe the last one."""
-
-    token: int | None
-    finish: FinishReason | None = None
-    closed: bool = False  # the scheduler stopped before the request finished
-
-
-CLOSED = SeqOutput(None, None, closed=True)
 
 
 def request_rng(seed: int, prompt: list[int], sampling_seed: int | None = None) -> random.Random:
@@ -122,7 +129,8 @@ class Sequence:
     num_computed: int = 0
     cached_tokens: int = 0  # prefix-cache hit of the latest admission
     preemptions: int = 0
-    channel: asyncio.Queue[SeqOutput] = field(default_factory=asyncio.Queue)
+    state: int = WAITING  # WAITING, RUNNING or GONE; kept by the scheduler
+    channel: TokenChannel = field(default_factory=TokenChannel)
 
     @classmethod
     def new(
@@ -222,7 +230,7 @@ class Scheduler:
         return limit
 
     # -- requests -------------------------------------------------------------------
-    def add(self, seq: Sequence) -> asyncio.Queue[SeqOutput]:
+    def add(self, seq: Sequence) -> TokenChannel:
         """Queue ``seq``; returns its channel. Raises ValueError if it can never run."""
         if self._closed:
             raise RuntimeError("scheduler is not accepting requests")
@@ -236,6 +244,7 @@ class Scheduler:
                 f"{self.max_sequence_tokens} per sequence"
             )
         self._seqs[seq.request_id] = seq
+        seq.state = WAITING
         self.waiting.append(seq)
         self._wake.set()
         return seq.channel
@@ -245,13 +254,14 @@ class Scheduler:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return
-        if seq in self.running:
+        if seq.state == RUNNING:
             self.running.remove(seq)
         else:
             try:
                 self.waiting.remove(seq)
             except ValueError:
                 pass
+        seq.state = GONE
         self.kv.free(request_id)
 
     def __contains__(self, request_id: str) -> bool:
@@ -269,6 +279,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq.request_id)
+        seq.state = WAITING
         seq.num_computed = 0
         seq.preemptions += 1
         self.preemptions += 1
@@ -280,6 +291,7 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[str] = []
+        allocate = self.kv.allocate
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -290,7 +302,7 @@ class Scheduler:
                     i += 1
                     continue
                 num_new = budget
-            while not self.kv.allocate(seq.request_id, seq.tokens, seq.num_computed + num_new):
+            while not allocate(seq.request_id, seq.tokens, seq.num_computed + num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -326,14 +338,19 @@ class Scheduler:
             seq.cached_tokens = cached
             seq.num_computed = computed
             seq.kv_transfer_pending = False
+            seq.state = RUNNING
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
 
         if not scheduled:
             return None
-        decode = sum(1 for seq, n in scheduled if n == 1 and seq.decoding)
-        prefill = sum(n for seq, n in scheduled if not (n == 1 and seq.decoding))
+        decode = prefill = 0
+        for seq, n in scheduled:
+            if n == 1 and seq.decoding:
+                decode += 1
+            else:
+                prefill += n
         return StepPlan(
             scheduled=scheduled,
             prefill_tokens=prefill,
@@ -344,17 +361,19 @@ class Scheduler:
 
     def complete(self, plan: StepPlan) -> None:
         """Account a finished pass: advance, sample, deliver, free finished sequences."""
+        low, high = TOKEN_ID_RANGE
         for seq, num_new in plan.scheduled:
-            if self._seqs.get(seq.request_id) is not seq or seq not in self.running:
+            if seq.state != RUNNING:
                 continue  # removed (cancelled / dropped) while the pass ran
             seq.num_computed += num_new
-            if seq.num_computed < len(seq.tokens):
+            tokens = seq.tokens
+            if seq.num_computed < len(tokens):
                 continue  # a prefill chunk; more to come
-            token = seq.rng.randrange(*TOKEN_ID_RANGE)
-            seq.tokens.append(token)
+            token = seq.rng.randrange(low, high)
+            tokens.append(token)
             seq.generated += 1
             finish = self._finish_reason(seq, token)
-            seq.channel.put_nowait(SeqOutput(token, finish))
+            seq.channel.push(token, finish)
             if finish is not None:
                 self.remove(seq.request_id)
         self.steps += 1
@@ -403,28 +422,43 @@ class Scheduler:
             self._close_all()
 
     async def _loop(self) -> None:
+        clock = time.perf_counter
+        due = clock()  # when the previous pass ended on the simulated clock
+        yielded = due  # when the loop last gave the event loop a turn
         while not self._closed:
             plan = self.schedule()
             if plan is None:
                 self._wake.clear()
                 await self._wake.wait()
+                due = yielded = clock()
                 continue
-            t0 = time.perf_counter()
-            if self.device is not None and self.device.device != "none":
+            t0 = clock()
+            device = self.device
+            if device is not None and device.device != "none":
                 try:
-                    await asyncio.to_thread(self.device.run, plan.num_tokens)
+                    if device.inline(plan.num_tokens):
+                        device.run(plan.num_tokens)
+                    else:
+                        await asyncio.to_thread(device.run, plan.num_tokens)
                 except Exception:  # noqa: BLE001 - the simulation goes on without the device
                     log.exception("mocker: device workload failed; pass continues without it")
-            target = self.timing.step_seconds(
+            # This pass ends ``step_seconds`` after the previous one, on the simulated clock;
+            # a loop that fell behind catches up by at most MAX_LAG_S (no unbounded bursts).
+            due = max(due, t0 - MAX_LAG_S) + self.timing.step_seconds(
                 plan.prefill_tokens, plan.decode_seqs, plan.kv_utilisation
             )
-            remaining = target - (time.perf_counter() - t0)
-            # Always yield once per pass so streams consume tokens even at infinite speed.
-            await asyncio.sleep(max(0.0, remaining))
+            now = clock()
+            delay = due - now
+            if delay > MIN_SLEEP_S:
+                await asyncio.sleep(delay)
+                yielded = clock()
+            elif now - yielded >= BUSY_SLICE_S:
+                await asyncio.sleep(0)  # behind the clock: let the streams catch up now
+                yielded = clock()
             if self._closed:
                 break
             self.complete(plan)
-            self.last_step_ms = (time.perf_counter() - t0) * 1000.0
+            self.last_step_ms = (clock() - t0) * 1000.0
 
     async def stop(self) -> None:
         """Stop the loop, close every remaining channel and free every block. Idempotent."""
@@ -445,4 +479,4 @@ class Scheduler:
         for request_id in list(self._seqs):
             seq = self._seqs[request_id]
             self.remove(request_id)
-            seq.channel.put_nowait(CLOSED)
+            seq.channel.close()

@@ -15,9 +15,22 @@ workload falls back to ``"cpu"`` and logs a warning saying so. ``"none"`` (or
 torch not installed, with a warning) disables the workload: passes cost
 only the timing model's sleep.
 
-Who calls what: the scheduler calls ``run(tokens)`` once per pass, from a
-worker thread (``asyncio.to_thread``) so the event loop keeps serving streams;
-calls never overlap. ``stats()`` may be called any time from the loop thread.
+On the CPU torch is limited to one intra-op thread (``torch.set_num_threads(1)``,
+in every thread that runs a pass): the matmuls are small, and torch's default
+OpenMP pool spin-waits on every core, starving the event loop and everything
+else on the machine (measured: a 64x64x64 matmul took 15 ms instead of 7 us on
+a loaded 2-core host). The CPU *fallback*
+(cuda asked for, no GPU) also shrinks the workload to at most
+``CPU_FALLBACK_HIDDEN`` wide and ``CPU_FALLBACK_ROWS`` rows: it stays real work
+per pass, but a stand-in must not cost more than the simulation it accompanies.
+An explicit ``--device cpu`` keeps the sizes it was given.
+
+Who calls what: the scheduler calls ``run(tokens)`` once per pass, calls never
+overlap. It calls it inline on the event loop when ``inline(tokens)`` says the
+pass is tiny (a thread hop would cost more than the matmul), else from a worker
+thread (``asyncio.to_thread``) so the event loop keeps serving streams; CUDA
+passes always go to the thread (the event synchronisation blocks). ``stats()``
+may be called any time from the loop thread.
 torch is imported here only, lazily, so the rest of the mocker (and its
 tests of scheduling) never pays for it.
 """
@@ -39,6 +52,11 @@ log = logging.getLogger(__name__)
 
 # Step times kept for percentiles: bounded so a long-running worker does not grow.
 STEP_HISTORY = 100_000
+# The CPU fallback's workload size (see the module docstring).
+CPU_FALLBACK_HIDDEN = 64
+CPU_FALLBACK_ROWS = 64
+# CPU passes up to this many multiply-adds (~tens of microseconds) run inline.
+INLINE_MAX_MACS = 1 << 20
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -97,7 +115,13 @@ class DeviceWorkload:
         self._w: Any = None
         self._closed = False
         self._final_peak = 0
+        self._one_thread: set[int] = set()  # threads whose torch runs on one intra-op thread
         self.device = self._resolve(device)
+        if self.device == "cpu":
+            self._torch.set_num_threads(1)
+            if (device or "").strip().lower().startswith("cuda"):  # the fallback
+                self.hidden_size = hidden_size = min(hidden_size, CPU_FALLBACK_HIDDEN)
+                self.max_rows = max_rows = min(max_rows, CPU_FALLBACK_ROWS)
         if self.device != "none":
             torch = self._torch
             gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -109,8 +133,8 @@ class DeviceWorkload:
             "mocker device workload on %s (requested %s, hidden %d, max rows %d)",
             self.device,
             device,
-            hidden_size,
-            max_rows,
+            self.hidden_size,
+            self.max_rows,
         )
 
     def _resolve(self, device: str) -> str:
@@ -135,8 +159,11 @@ class DeviceWorkload:
         if device.startswith("cuda") and not torch.cuda.is_available():
             log.warning(
                 "mocker: --device %s asked for, but no CUDA GPU is available "
-                "(torch.cuda.is_available() is False); falling back to cpu",
+                "(torch.cuda.is_available() is False); falling back to cpu "
+                "(one thread, at most %d x %d)",
                 device,
+                CPU_FALLBACK_ROWS,
+                CPU_FALLBACK_HIDDEN,
             )
             return "cpu"
         return device
@@ -144,6 +171,12 @@ class DeviceWorkload:
     @property
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
+
+    def inline(self, tokens: int) -> bool:
+        """Whether a pass of ``tokens`` rows is cheap enough to run on the event loop."""
+        if self.device != "cpu":
+            return self.device == "none"
+        return min(tokens, self.max_rows) * self.hidden_size * self.hidden_size <= INLINE_MAX_MACS
 
     def run(self, tokens: int) -> float:
         """Run one pass's workload for ``tokens`` rows; returns its time in ms."""
@@ -164,6 +197,11 @@ class DeviceWorkload:
                 ms = float(start.elapsed_time(end))
                 events = 2
             else:
+                if threading.get_ident() not in self._one_thread:
+                    # OpenMP's thread count is per calling thread: set it in each thread that
+                    # runs a pass (the loop's, the executor's), not only where torch was loaded.
+                    torch.set_num_threads(1)
+                    self._one_thread.add(threading.get_ident())
                 t0 = time.perf_counter()
                 y = self._x[:rows] @ self._w
                 ms = (time.perf_counter() - t0) * 1000.0

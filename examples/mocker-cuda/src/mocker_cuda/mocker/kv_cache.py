@@ -164,10 +164,14 @@ class KvCache:
         """
         if num_tokens > len(tokens):
             raise ValueError("num_tokens exceeds the sequence length")
-        seq = self._seqs.get(seq_id) or _SeqBlocks()
         bs = self.block_size
-        n_full = num_tokens // bs
-        want_partial = num_tokens % bs != 0
+        n_full, tail = divmod(num_tokens, bs)
+        want_partial = tail != 0
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            seq = _SeqBlocks()
+        elif n_full == len(seq.keys) and want_partial == seq.partial:
+            return True  # the common decode step: the tokens still fit the blocks held
         start = len(seq.keys)
         parent = seq.keys[-1] if seq.keys else None
         if n_full < start:
