@@ -119,7 +119,12 @@ class Worker:
         self.adapter: EngineAdapter | None = None
         self._shutdown = asyncio.Event()
         self._signals = 0
+        # True from "Serving" on (health, tests); admission does not depend on it.
         self._accepting = False
+        # Set just before engine.cleanup(): the only time the worker refuses a request. Admission
+        # is open from the moment the request plane listens, before the records go out, because
+        # the frontend routes here as soon as it sees them and does not retry a refusal.
+        self._admission_closed = False
         # Set when shutdown starts: health says "notready"; a lost lease is not re-registered.
         self._draining = False
         self._last_admit = 0.0
@@ -329,16 +334,16 @@ class Worker:
             await self._discovery.put(key, value)
 
     # -- admission --------------------------------------------------------------------
-    # Open from "Serving" until just before engine.cleanup(), shutdown included: a refusal
-    # ("Server unavailable") is not retried by the 1.6.1 frontend with its default flags, so it
-    # would be a client-visible error. Shutdown stops the frontend's routing through discovery.
+    # Open from the request plane's start until just before engine.cleanup(), shutdown included:
+    # a refusal ("Server unavailable") is not retried by the 1.6.1 frontend with its default
+    # flags, so it would be a client-visible error. Shutdown stops the routing via discovery.
     def _admit(self, path: str) -> str | None:
         if not path.endswith(self._endpoint_suffix):
             return f"Server unavailable: unknown endpoint {path}"
         return self._admit_nats(path)
 
     def _admit_nats(self, subject: str) -> str | None:
-        if not self._accepting:
+        if self._admission_closed:
             return "Server unavailable: worker is shutting down"
         self._last_admit = time.monotonic()
         return None
@@ -439,7 +444,7 @@ class Worker:
                 adapter.cancel_all()
                 await adapter.wait_idle(0.1)
         # The engine is about to be cleaned up: from here on nothing could be served.
-        self._accepting = False
+        self._admission_closed = True
         if self.metrics is not None:
             self.metrics.set_drain_time(time.monotonic() - drain_started)
 

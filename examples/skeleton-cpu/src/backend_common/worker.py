@@ -10,16 +10,26 @@ startup
 serve
     the request plane hands each accepted request to the ``EngineAdapter``.
 shutdown (SIGTERM/SIGINT, first signal)
-    1. leave discovery at once (the frontend stops routing here);
-    2. grace period (``DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS``, default 5):
-       requests that raced the withdrawal are still served;
-    3. stop admission: new requests get the retryable ``Server unavailable``
-       ACK, so the frontend picks another instance;
+    admission stays open until the engine is cleaned up: every request that
+    reaches the worker is served, because the 1.6.1 frontend (default flags)
+    does not retry a refused one.
+    1. delete the Model record(s) (``v1/mdc/...``): the frontend stops routing
+       new requests here, and nothing in flight is touched (no Endpoint removal
+       event yet); ``/health`` reports not ready;
+    2. grace period (``DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS``, default 5,
+       at least ``WITHDRAW_GAP_S``), then until no request arrived for
+       ``QUIET_S``: requests that raced the withdrawal are served and their
+       response streams connect;
+    3. delete the Endpoint record and the rest (lease revoked); the frontend
+       cancels still-connecting streams of a removed instance, and by now there
+       are none;
     4. ``engine.drain()``;
     5. wait for in-flight streams up to ``DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT``
-       (default 30 s); streams still running then are cancelled and end with a
-       clean ``cancelled`` terminal, never a cut socket;
-    6. ``engine.cleanup()`` exactly once; transports closed; exit 0.
+       (default 30 s); streams still running then, and any request that arrives
+       after it, are cancelled and end with a clean ``cancelled`` terminal,
+       never a cut socket;
+    6. admission closed, ``engine.cleanup()`` exactly once; transports closed;
+       exit 0.
 
 ``cleanup()`` runs exactly once if ``start()`` was called, also when it raised
 or when registration failed; never when the process stopped before ``start``.
@@ -41,6 +51,7 @@ from .adapter import EngineAdapter
 from .config import EngineConfig, WorkerConfig
 from .discovery import create_discovery
 from .discovery.base import (
+    MDC_BUCKET,
     Discovery,
     endpoint_record,
     instance_key,
@@ -62,6 +73,17 @@ from .types import FinishReason, PreprocessedRequest
 __all__ = ["Worker"]
 
 log = logging.getLogger(__name__)
+
+# Shortest time between withdrawing the Model record and the Endpoint record, whatever the grace
+# period: the frontend needs a moment to stop routing (measured: 0 s gives 1 failed request in
+# 1220; see docs/reliability.md, "Rolling restart").
+WITHDRAW_GAP_S = 0.1
+# The Endpoint record is withdrawn only once no request arrived for this long (bounded by
+# QUIET_MAX_WAIT_S), so no response stream is still connecting when the frontend sees the removal.
+QUIET_S = 0.05
+QUIET_MAX_WAIT_S = 2.0
+# After the shutdown deadline: how long streams (and late arrivals) get to end after cancellation.
+CANCEL_FLUSH_S = 5.0
 
 
 def _env_float(name: str, default: float) -> float:
@@ -97,7 +119,15 @@ class Worker:
         self.adapter: EngineAdapter | None = None
         self._shutdown = asyncio.Event()
         self._signals = 0
+        # True from "Serving" on (health, tests); admission does not depend on it.
         self._accepting = False
+        # Set just before engine.cleanup(): the only time the worker refuses a request. Admission
+        # is open from the moment the request plane listens, before the records go out, because
+        # the frontend routes here as soon as it sees them and does not retry a refusal.
+        self._admission_closed = False
+        # Set when shutdown starts: health says "notready"; a lost lease is not re-registered.
+        self._draining = False
+        self._last_admit = 0.0
         self._discovery: Discovery | None = None
         self._tcp: TcpRequestServer | None = None
         self._nats: Any = None
@@ -285,6 +315,10 @@ class Worker:
             await self._discovery.put(key, value)
 
     async def _reregister(self, new_id: int) -> None:
+        if self._draining:
+            # Leaving anyway: re-registering would make the frontend route here again.
+            log.warning("discovery lease was lost during shutdown; not re-registering")
+            return
         log.warning("discovery lease was lost; re-registering as instance %x", new_id)
         self.instance_id = new_id
         assert self._discovery is not None
@@ -300,23 +334,23 @@ class Worker:
             await self._discovery.put(key, value)
 
     # -- admission --------------------------------------------------------------------
+    # Open from the request plane's start until just before engine.cleanup(), shutdown included:
+    # a refusal ("Server unavailable") is not retried by the 1.6.1 frontend with its default
+    # flags, so it would be a client-visible error. Shutdown stops the routing via discovery.
     def _admit(self, path: str) -> str | None:
-        ph = getattr(self, "_exp_phase", "run")
-        log.warning("EXP admit phase=%s t=%.3f", ph, time.monotonic() - getattr(self, "_exp_t0", 0))
         if not path.endswith(self._endpoint_suffix):
             return f"Server unavailable: unknown endpoint {path}"
-        if not self._accepting:
-            return "Server unavailable: worker is shutting down"
-        return None
+        return self._admit_nats(path)
 
     def _admit_nats(self, subject: str) -> str | None:
-        if not self._accepting:
+        if self._admission_closed:
             return "Server unavailable: worker is shutting down"
+        self._last_admit = time.monotonic()
         return None
 
     # -- health -------------------------------------------------------------------------
     async def _health(self) -> tuple[bool, dict[str, Any]]:
-        if self.state is not State.RUNNING or not self._accepting:
+        if self.state is not State.RUNNING or self._draining or not self._accepting:
             return False, {"status": "notready", "state": self.state.value}
         if self._health_payload is None:
             return True, {"status": "healthy", "canary": "disabled"}
@@ -365,38 +399,24 @@ class Worker:
             await asyncio.sleep(min(left, 0.05))
 
     async def _graceful_shutdown(self) -> None:
+        """Leave in two steps, serve everything that arrives, drain, then close admission.
+
+        Why this order (measured with the 1.6.1 frontend, default flags; docs/reliability.md):
+        the frontend stops routing to an instance when its Model record goes, without touching
+        its requests; when the Endpoint record goes, it fails every request of that instance
+        whose response stream is still connecting (HTTP 503). Withdrawing the Model record first
+        and the Endpoint record only once requests stopped arriving leaves nothing to fail.
+        """
         timeout = _env_float("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", 30.0)
         grace = _env_float("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", 5.0)
         assert self._discovery is not None
-        order = os.environ.get("DYN_EXP_ORDER", "all")
-        gap = _env_float("DYN_EXP_GAP", 1.0)
-        refuse = os.environ.get("DYN_EXP_REFUSE", "1") == "1"
-        self._exp_t0 = time.monotonic()
-        log.warning("EXP sigterm at %.3f inflight=%d", self._exp_t0, len(self.adapter.active) if self.adapter else -1)
-        self._exp_phase = "sigterm"
-        recs = list(self._discovery.records)
-        mdc = [k for k in recs if k.startswith("v1/mdc/")]
-        inst = [k for k in recs if k.startswith("v1/instances/")]
-        try:
-            if order == "all":
-                await asyncio.wait_for(self._discovery.unregister_all(), 5.0)
-            else:
-                first, second = (mdc, inst) if order == "mdc_first" else (inst, mdc)
-                for k in first:
-                    await self._discovery.delete(k)
-                self._exp_phase = "first_deleted"
-                log.warning("EXP first deleted %s", first)
-                await self._sleep_unless_forced(gap)
-                await asyncio.wait_for(self._discovery.unregister_all(), 5.0)
-            self._exp_phase = "all_deleted"
-            log.warning("EXP all deleted")
-        except Exception:  # noqa: BLE001
-            log.warning("discovery unregister failed", exc_info=True)
-        if grace > 0:
-            await self._sleep_unless_forced(grace)
-        if refuse:
-            self._accepting = False
-        self._exp_phase = "drain"
+        self._draining = True
+        await self._withdraw(self._discovery, models_only=True)
+        log.info("Model withdrawn from discovery; serving requests that raced it for %.2fs", grace)
+        await self._sleep_unless_forced(max(grace, WITHDRAW_GAP_S))
+        await self._wait_quiet()
+        await self._withdraw(self._discovery, models_only=False)
+        log.info("Endpoint unregistered from discovery")
 
         drain_started = time.monotonic()
         try:
@@ -414,13 +434,39 @@ class Worker:
                 if left <= 0:
                     break
                 await adapter.wait_idle(min(left, 0.1))
-            if adapter.active:
-                n = adapter.cancel_all()
-                log.warning("cancelling %d stream(s) still running at the deadline", n)
-                # Cancelled streams end with a clean terminal; give them a moment to flush.
-                await adapter.wait_idle(5.0)
+        if adapter is not None and adapter.active:
+            n = len(adapter.active)
+            log.warning("cancelling %d stream(s) still running at the deadline", n)
+            # Cancelled streams end with a clean terminal; give them a moment to flush. Cancel
+            # again on every turn so that a request admitted meanwhile ends the same way.
+            flush_end = time.monotonic() + CANCEL_FLUSH_S
+            while adapter.active and time.monotonic() < flush_end:
+                adapter.cancel_all()
+                await adapter.wait_idle(0.1)
+        # The engine is about to be cleaned up: from here on nothing could be served.
+        self._admission_closed = True
         if self.metrics is not None:
             self.metrics.set_drain_time(time.monotonic() - drain_started)
+
+    async def _withdraw(self, discovery: Discovery, *, models_only: bool) -> None:
+        """Delete this instance's Model records, or (``models_only=False``) every key."""
+        try:
+            if models_only:
+                for key in [k for k in discovery.records if k.startswith(MDC_BUCKET + "/")]:
+                    await asyncio.wait_for(discovery.delete(key), 5.0)
+            else:
+                await asyncio.wait_for(discovery.unregister_all(), 5.0)
+        except Exception:  # noqa: BLE001 - the lease / heartbeat expiry removes them anyway
+            log.warning("discovery withdrawal failed", exc_info=True)
+
+    async def _wait_quiet(self) -> None:
+        """Wait until no request was admitted for ``QUIET_S`` (at most ``QUIET_MAX_WAIT_S``)."""
+        end = time.monotonic() + QUIET_MAX_WAIT_S
+        while not self._shutdown_forced() and time.monotonic() < end:
+            since = time.monotonic() - self._last_admit
+            if since >= QUIET_S:
+                return
+            await asyncio.sleep(QUIET_S - since)
 
     async def _cleanup_once(self) -> None:
         if self.state not in (State.RUNNING, State.START_FAILED):
