@@ -1,6 +1,7 @@
-"""Security defaults: loopback status server, etcd auth, NATS credentials and TLS, no secret
-in logs, non-root container. Real etcd / nats-server processes on 127.0.0.1, started and
-stopped here; a throwaway CA and server certificate are made with the ``openssl`` CLI.
+"""Security defaults: loopback status server, etcd auth and mutual TLS, NATS credentials and
+TLS, no secret in logs, non-root container. Real etcd / nats-server processes (and the real
+Dynamo frontend) on 127.0.0.1, started and stopped here; throwaway CAs, server and client
+certificates are made with the ``openssl`` CLI.
 """
 
 from __future__ import annotations
@@ -11,19 +12,26 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import aiohttp
 import nats
 import pytest
 from conftest import REPO, Stack, wait_until
+from test_e2e_serving import words
 
 from backend_common.args import add_common_args, worker_config_from_args
 from backend_common.devstack.frontend import Frontend
+from backend_common.devstack.openai import chat
 from backend_common.devstack.services import (
     EtcdServer,
+    EtcdTlsFiles,
     ManagedProcess,
     find_binary,
     free_port,
     wait_for_port,
 )
+from backend_common.discovery.base import instance_key
+from backend_common.discovery.etcd import EtcdDiscovery
+from backend_common.errors import BackendError, DynamoError
 from backend_common.nats_options import nats_connect_options, redact_url
 from backend_common.status import StatusServer
 
@@ -101,22 +109,155 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
 
 
+def make_pki(d: Path, name: str = "test-ca") -> dict[str, str]:
+    """A throwaway CA in ``d``, a server certificate for 127.0.0.1 and a client certificate.
+
+    Keys: ``ca``, ``cert``/``key`` (server), ``client_cert``/``client_key`` (file paths).
+    """
+    d.mkdir(parents=True)
+    ca = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}"]
+    _openssl(*ca, "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    # The server certificate also allows clientAuth: etcd's HTTP gateway dials etcd with it.
+    exts = {
+        "server": "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+        "client": "extendedKeyUsage=clientAuth\n",
+    }
+    for who, ext in exts.items():
+        csr = ["req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}"]
+        _openssl(*csr, "-keyout", f"{who}.key", "-out", f"{who}.csr", cwd=d)
+        (d / f"{who}.cnf").write_text(ext)
+        sign = ["x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key"]
+        sign += ["-CAcreateserial", "-days", "1", "-extfile", f"{who}.cnf"]
+        _openssl(*sign, "-out", f"{who}.pem", cwd=d)
+    names = {
+        "ca": "ca.pem",
+        "cert": "server.pem",
+        "key": "server.key",
+        "client_cert": "client.pem",
+        "client_key": "client.key",
+    }
+    return {k: str(d / f) for k, f in names.items()}
+
+
 @pytest.fixture
 def tls_files(tmp_path: Path) -> dict[str, str]:
     if shutil.which("openssl") is None:
         pytest.skip("the openssl CLI is needed to make a throwaway CA")
-    d = tmp_path / "pki"
-    d.mkdir()
-    ca = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca"]
-    _openssl(*ca, "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
-    csr = ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"]
-    _openssl(*csr, "-keyout", "server.key", "-out", "server.csr", cwd=d)
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    sign = ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key"]
-    sign += ["-CAcreateserial", "-days", "1", "-extfile", "ext.cnf", "-out", "server.pem"]
-    _openssl(*sign, cwd=d)
-    names = {"ca": "ca.pem", "cert": "server.pem", "key": "server.key"}
-    return {k: str(d / f) for k, f in names.items()}
+    return make_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def tls_etcd(tmp_path: Path, tls_files: dict[str, str]):
+    """etcd that serves TLS only and requires a client certificate signed by ``tls_files``."""
+    files = EtcdTlsFiles(
+        ca=tls_files["ca"],
+        cert=tls_files["cert"],
+        key=tls_files["key"],
+        client_cert=tls_files["client_cert"],
+        client_key=tls_files["client_key"],
+    )
+    server = EtcdServer(tmp_path / "etcd-tls", tls=files).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _etcd_tls_env(files: dict[str, str], *, inline: bool) -> dict[str, str]:
+    """Dynamo's variables; ``inline`` puts the PEM text in them (as Dynamo's Rust client reads
+    them), otherwise the file paths (also accepted by this runtime)."""
+    names = {"ETCD_AUTH_CA": "ca", "ETCD_AUTH_CLIENT_CERT": "client_cert"}
+    names["ETCD_AUTH_CLIENT_KEY"] = "client_key"
+    return {v: Path(files[k]).read_text() if inline else files[k] for v, k in names.items()}
+
+
+async def test_etcd_mutual_tls_discovery(
+    tmp_path: Path, tls_files: dict[str, str], tls_etcd: EtcdServer, monkeypatch
+) -> None:
+    assert tls_etcd.endpoint.startswith("https://")
+    for var, value in _etcd_tls_env(tls_files, inline=False).items():
+        monkeypatch.setenv(var, value)
+    d = EtcdDiscovery.from_env(tls_etcd.endpoint)
+    try:
+        await d.connect()
+        await d.put(instance_key("dynamo", "backend", "generate", d.instance_id), {"x": 1})
+        keys = tls_etcd.etcdctl("get", "--prefix", "--keys-only", "v1/")
+        assert instance_key("dynamo", "backend", "generate", d.instance_id) in keys
+    finally:
+        await d.close()
+    # Refused: no client certificate; a CA that did not sign the server's certificate.
+    other = make_pki(tmp_path / "other-pki", "other-ca")
+    monkeypatch.delenv("ETCD_AUTH_CLIENT_CERT")
+    monkeypatch.delenv("ETCD_AUTH_CLIENT_KEY")
+    wrong_ca = {"ETCD_AUTH_CA": other["ca"], "ETCD_AUTH_CLIENT_CERT": tls_files["client_cert"]}
+    wrong_ca["ETCD_AUTH_CLIENT_KEY"] = tls_files["client_key"]
+    for env in ({}, wrong_ca):
+        for var, value in env.items():
+            monkeypatch.setenv(var, value)
+        denied = EtcdDiscovery.from_env(tls_etcd.endpoint)
+        with pytest.raises(DynamoError) as err:
+            await denied.connect()
+        assert err.value.backend_error is BackendError.CannotConnect
+        assert "TLS" in err.value.message
+        await denied.close()
+    # Configuration mismatches are refused before any connection attempt.
+    with pytest.raises(DynamoError) as err:  # TLS configured, plain endpoint: no downgrade
+        EtcdDiscovery.from_env(tls_etcd.endpoint.replace("https://", "http://"))
+    assert err.value.backend_error is BackendError.InvalidArgument
+    monkeypatch.delenv("ETCD_AUTH_CA")
+    with pytest.raises(DynamoError, match="ETCD_AUTH_CA"):
+        EtcdDiscovery.from_env(tls_etcd.endpoint)  # https:// without any TLS setting
+    monkeypatch.setenv("ETCD_AUTH_CA", str(tmp_path / "missing.pem"))
+    with pytest.raises(DynamoError, match="cannot read"):
+        EtcdDiscovery.from_env(tls_etcd.endpoint)
+
+
+@pytest.mark.e2e
+async def test_etcd_mutual_tls_worker_and_frontend(
+    tmp_path: Path,
+    tiny_model: Path,
+    frontend_python: str,
+    tls_files: dict[str, str],
+    tls_etcd: EtcdServer,
+) -> None:
+    # The real frontend and our worker share one TLS-only etcd and Dynamo's variables.
+    env = _etcd_tls_env(tls_files, inline=True)
+    frontend = Frontend(
+        workdir=tmp_path / "fe",
+        python=frontend_python,
+        discovery_backend="etcd",
+        etcd_endpoint=tls_etcd.endpoint,
+        extra_env=env,
+    )
+    stack = Stack(
+        frontend,
+        discovery="etcd",
+        plane="tcp",
+        etcd_endpoint=tls_etcd.endpoint,
+        nats_url=None,
+        workdir=tmp_path / "w",
+        model_dir=tiny_model,
+    )
+    other = make_pki(tmp_path / "other-pki", "other-ca")
+    try:
+        await asyncio.to_thread(frontend.start)
+        good = await asyncio.to_thread(stack.serve, "tiny-tls", env=env)
+        keys = tls_etcd.etcdctl("get", "--prefix", "--keys-only", "v1/")
+        assert "v1/instances/dynamo/backend/generate/" in keys
+        assert "v1/mdc/dynamo/backend/generate/" in keys
+        async with aiohttp.ClientSession() as s:
+            r = await chat(s, frontend.base_url, "tiny-tls", "w1", max_tokens=3, stream=True)
+        assert r.ok and r.text.strip() == words(3).strip()
+        # Without a client certificate, or trusting another CA: refused at start-up, typed.
+        no_cert = {"ETCD_AUTH_CA": tls_files["ca"]}
+        wrong_ca = {**env, "ETCD_AUTH_CA": _etcd_tls_env(other, inline=True)["ETCD_AUTH_CA"]}
+        bad = [stack.start_worker("tiny-tls-bad", env=e) for e in (no_cert, wrong_ca)]
+        for proc in bad:
+            assert await asyncio.to_thread(proc.wait, 30) == 1
+            assert "discovery failed: BackendCannotConnect" in proc.log_tail(), proc.log_tail()
+        assert good.running
+    finally:
+        stack.stop()
 
 
 def _nats_server(tmp_path: Path, *args: str) -> tuple[ManagedProcess, int]:

@@ -18,17 +18,20 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 __all__ = [
     "EtcdServer",
+    "EtcdTlsFiles",
     "ManagedProcess",
     "NatsServer",
     "ServiceError",
@@ -184,6 +187,24 @@ class ManagedProcess:
         self.terminate()
 
 
+@dataclass(frozen=True)
+class EtcdTlsFiles:
+    """PEM files for an ``EtcdServer`` that serves its client port over TLS.
+
+    ``cert``/``key`` are the server's (its certificate must name 127.0.0.1 in its SAN);
+    ``ca`` signs the client certificates etcd accepts and, for the helper's own probes,
+    the server certificate. ``client_cert``/``client_key`` are what the helper itself
+    presents (health probe, ``etcdctl``); they are required when ``client_cert_auth``.
+    """
+
+    ca: str
+    cert: str
+    key: str
+    client_cert: str | None = None
+    client_key: str | None = None
+    client_cert_auth: bool = True
+
+
 class EtcdServer:
     """A single-member etcd on 127.0.0.1 with its own data directory.
 
@@ -192,6 +213,8 @@ class EtcdServer:
     data directory (leases and keys survive, as with a real etcd restart).
     With ``username``/``password`` the first start also enables authentication
     (creating ``root`` and, if different, that user with the root role).
+    With ``tls`` the client port speaks TLS only (``endpoint`` is ``https://``) and, with
+    ``tls.client_cert_auth``, refuses clients without a certificate signed by ``tls.ca``.
     """
 
     def __init__(
@@ -203,21 +226,26 @@ class EtcdServer:
         binary: str | None = None,
         username: str | None = None,
         password: str | None = None,
+        tls: EtcdTlsFiles | None = None,
         start_timeout: float = 20.0,
     ) -> None:
+        if tls is not None and tls.client_cert_auth and not (tls.client_cert and tls.client_key):
+            raise ServiceError("client_cert_auth needs client_cert/client_key for the probes")
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.peer_port = peer_port or free_port()
         self.binary = find_binary("etcd", "ETCD_BIN", binary)
         self.username = username
         self.password = password
+        self.tls = tls
         self.start_timeout = start_timeout
         self._auth_done = False
         self._proc: ManagedProcess | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -247,7 +275,26 @@ class EtcdServer:
             f"devstack={peer}",
             "--log-level",
             "warn",
+            *self._tls_args(),
         ]
+
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        args = ["--cert-file", self.tls.cert, "--key-file", self.tls.key]
+        args += ["--trusted-ca-file", self.tls.ca]
+        if self.tls.client_cert_auth:
+            args.append("--client-cert-auth")
+        return args
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """For the health probe: trust ``tls.ca`` and present the helper's client certificate."""
+        if self.tls is None:
+            return None
+        ctx = ssl.create_default_context(cafile=self.tls.ca)
+        if self.tls.client_cert and self.tls.client_key:
+            ctx.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+        return ctx
 
     def start(self) -> EtcdServer:
         if self.running:
@@ -266,11 +313,13 @@ class EtcdServer:
     def _wait_healthy(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + self.start_timeout
+        context = self._ssl_context()  # over TLS the same /health probe, with our client cert
         while time.monotonic() < deadline:
             if not self._proc.running:
                 raise ServiceError(f"etcd exited early:\n{self._proc.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as r:
+                url = f"{self.endpoint}/health"
+                with urllib.request.urlopen(url, timeout=1, context=context) as r:
                     body = json.loads(r.read() or b"{}")
             except (OSError, ValueError, urllib.error.URLError):
                 time.sleep(0.1)
@@ -284,9 +333,17 @@ class EtcdServer:
         )
 
     def etcdctl(self, *args: str, user: bool = False) -> str:
-        """Run ``etcdctl`` (found next to the etcd binary) against this server."""
+        """Run ``etcdctl`` (found next to the etcd binary) against this server.
+
+        Over TLS it trusts ``tls.ca`` and presents ``tls.client_cert``; ``user`` adds the
+        configured user/password.
+        """
         ctl = find_binary("etcdctl", "ETCDCTL_BIN", str(Path(self.binary).parent / "etcdctl"))
         argv = [ctl, f"--endpoints={self.endpoint}"]
+        if self.tls is not None:
+            argv.append(f"--cacert={self.tls.ca}")
+            if self.tls.client_cert and self.tls.client_key:
+                argv += [f"--cert={self.tls.client_cert}", f"--key={self.tls.client_key}"]
         if user and self.username:
             argv.append(f"--user={self.username}:{self.password}")
         out = subprocess.run(

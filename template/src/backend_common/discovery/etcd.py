@@ -20,7 +20,16 @@ Failure handling (the worker must survive all of these):
 
 ``ETCD_ENDPOINTS`` may list several URLs; ``connect()`` uses the first one that
 answers and the keep-alive task moves on to the next after a failed refresh.
-aetcd speaks plain gRPC (no TLS); ``https://`` endpoints are rejected clearly.
+
+TLS (Dynamo's variables): ``ETCD_AUTH_CA`` (trusted CA) plus, for client-certificate
+authentication, ``ETCD_AUTH_CLIENT_CERT`` and ``ETCD_AUTH_CLIENT_KEY``. Each is a PEM file
+path or, as Dynamo's Rust client reads them, the PEM text itself. With TLS configured the
+endpoints are ``https://`` (or bare ``host:port``); an ``http://`` endpoint next to TLS
+settings, or an ``https://`` one without them, is a configuration error, never a silent
+downgrade. A failed handshake (untrusted server, missing or rejected client certificate)
+surfaces at ``connect()`` as ``CannotConnect``. Differences from Dynamo's client, both
+supersets: ``ETCD_AUTH_CA`` alone gives server-only TLS (Dynamo needs all three), and
+user/password combine with TLS (Dynamo ignores the TLS variables when a user is set).
 """
 
 from __future__ import annotations
@@ -29,15 +38,19 @@ import asyncio
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import aetcd
 import aetcd.exceptions
+import grpc
+from aetcd import rpc, watcher
+from aetcd.client import _handle_errors  # maps grpc errors to aetcd's types (TlsClient)
 
 from ..errors import DynamoError, cannot_connect, invalid_arg, unknown
 from .base import Discovery, rebind_key, rebind_record
 
-__all__ = ["DEFAULT_TTL", "EtcdDiscovery", "parse_endpoints"]
+__all__ = ["DEFAULT_TTL", "EtcdDiscovery", "EtcdTls", "TlsClient", "parse_endpoints"]
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +67,31 @@ _GRPC_OPTIONS = {
 }
 
 
-def parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
-    """``"http://a:2379,b:2380"`` -> ``[("a", 2379), ("b", 2380)]`` (default port 2379)."""
+def parse_endpoints(endpoints: str, *, tls: bool = False) -> list[tuple[str, int]]:
+    """``"http://a:2379,b:2380"`` -> ``[("a", 2379), ("b", 2380)]`` (default port 2379).
+
+    ``tls`` says whether TLS is configured: then ``https://`` (or no scheme) is required,
+    otherwise ``http://`` / ``grpc://`` (or no scheme). A mismatch raises ``InvalidArgument``.
+    """
     out: list[tuple[str, int]] = []
+    plain, secure = ("http://", "grpc://"), ("https://",)
     for raw in endpoints.split(","):
         item = raw.strip()
         if not item:
             continue
-        if item.startswith("https://") or item.startswith("unixs://"):
+        if item.startswith("unix://") or item.startswith("unixs://"):
+            raise invalid_arg(f"etcd endpoint {item!r}: unix sockets are not supported")
+        if not tls and item.startswith(secure):
             raise invalid_arg(
-                f"etcd endpoint {item!r}: TLS is not supported by this runtime (aetcd speaks "
-                "plain gRPC); use http:// on a trusted network"
+                f"etcd endpoint {item!r} is https:// but no TLS is configured: set ETCD_AUTH_CA "
+                "(and ETCD_AUTH_CLIENT_CERT / ETCD_AUTH_CLIENT_KEY for client certificates)"
             )
-        for scheme in ("http://", "grpc://"):
+        if tls and item.startswith(plain):
+            raise invalid_arg(
+                f"etcd endpoint {item!r} is plain {item.split(':', 1)[0]}:// but ETCD_AUTH_CA "
+                "is set: use https:// (refusing to send credentials in clear)"
+            )
+        for scheme in plain + secure:
             if item.startswith(scheme):
                 item = item[len(scheme) :]
         item = item.rstrip("/")
@@ -89,6 +114,97 @@ def parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
     return out
 
 
+class EtcdTls:
+    """TLS material for the etcd client: PEM bytes of the CA and, optionally, client identity.
+
+    ``from_env()`` reads ``ETCD_AUTH_CA`` / ``ETCD_AUTH_CLIENT_CERT`` / ``ETCD_AUTH_CLIENT_KEY``
+    (each a file path or inline PEM text) and returns ``None`` when none is set.
+    """
+
+    def __init__(self, ca: bytes, cert: bytes | None = None, key: bytes | None = None) -> None:
+        if (cert is None) != (key is None):
+            raise invalid_arg("etcd TLS needs both ETCD_AUTH_CLIENT_CERT and ETCD_AUTH_CLIENT_KEY")
+        self.ca, self.cert, self.key = ca, cert, key
+
+    @classmethod
+    def from_env(cls) -> EtcdTls | None:
+        ca, cert, key = (
+            os.environ.get(f"ETCD_AUTH_{name}") or None
+            for name in ("CA", "CLIENT_CERT", "CLIENT_KEY")
+        )
+        if ca is None and cert is None and key is None:
+            return None
+        if ca is None:
+            raise invalid_arg("etcd TLS client certificate given without ETCD_AUTH_CA")
+        return cls(
+            _pem("ETCD_AUTH_CA", ca),
+            _pem("ETCD_AUTH_CLIENT_CERT", cert) if cert else None,
+            _pem("ETCD_AUTH_CLIENT_KEY", key) if key else None,
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
+
+def _pem(var: str, value: str) -> bytes:
+    """``value`` if it is PEM text (Dynamo's Rust client reads the variable so), else the file."""
+    if value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    try:
+        data = Path(value).read_bytes()
+    except OSError as exc:
+        raise invalid_arg(f"{var}: cannot read {value!r}: {exc.strerror}") from None
+    if b"-----BEGIN" not in data:
+        raise invalid_arg(f"{var}: {value!r} is not a PEM file")
+    return data
+
+
+class TlsClient(aetcd.Client):
+    """``aetcd.Client`` over a TLS gRPC channel.
+
+    Why it exists: aetcd 1.0 has no TLS option; its ``connect()`` always opens
+    ``rpc.insecure_channel``. This override is the same method (aetcd 1.0's
+    ``Client.connect``, pinned ``aetcd==1.0.*``) with one change: the channel is
+    ``grpc.aio.secure_channel`` (re-exported by ``aetcd.rpc``) with ``credentials``.
+    Every other method of the client is inherited unchanged.
+    """
+
+    def __init__(self, *, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    @_handle_errors
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # another task is connecting: wait for it
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            self.channel = rpc.secure_channel(
+                target, self._credentials, options=list(self._options.items())
+            )
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+                resp = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+                self.metadata = (("token", resp.token),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(
+                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
 def _encode(value: dict) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
@@ -103,8 +219,10 @@ class EtcdDiscovery(Discovery):
         ttl: int = DEFAULT_TTL,
         username: str | None = None,
         password: str | None = None,
+        tls: EtcdTls | None = None,
     ) -> None:
-        self._endpoints = parse_endpoints(endpoints)
+        self._endpoints = parse_endpoints(endpoints, tls=tls is not None)
+        self._tls = tls
         if ttl < 2:
             raise invalid_arg(f"etcd lease TTL must be >= 2 s, got {ttl}")
         if (username is None) != (password is None):
@@ -125,7 +243,8 @@ class EtcdDiscovery(Discovery):
 
     @classmethod
     def from_env(cls, endpoints: str) -> EtcdDiscovery:
-        """Read ``ETCD_LEASE_TTL``, ``ETCD_AUTH_USERNAME``, ``ETCD_AUTH_PASSWORD``."""
+        """Read ``ETCD_LEASE_TTL``, ``ETCD_AUTH_USERNAME`` / ``_PASSWORD``, ``ETCD_AUTH_CA`` /
+        ``_CLIENT_CERT`` / ``_CLIENT_KEY`` (see ``EtcdTls.from_env``)."""
         ttl_s = os.environ.get("ETCD_LEASE_TTL", "").strip()
         try:
             ttl = int(ttl_s) if ttl_s else DEFAULT_TTL
@@ -136,6 +255,7 @@ class EtcdDiscovery(Discovery):
             ttl=ttl,
             username=os.environ.get("ETCD_AUTH_USERNAME") or None,
             password=os.environ.get("ETCD_AUTH_PASSWORD") or None,
+            tls=EtcdTls.from_env(),
         )
 
     # -- properties ---------------------------------------------------------------
@@ -163,14 +283,17 @@ class EtcdDiscovery(Discovery):
 
     def _new_client(self, index: int) -> aetcd.Client:
         host, port = self._endpoints[index]
-        return aetcd.Client(
-            host=host,
-            port=port,
-            username=self._username,
-            password=self._password,
-            timeout=RPC_TIMEOUT_S,
-            options=dict(_GRPC_OPTIONS),
-        )
+        kwargs: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "username": self._username,
+            "password": self._password,
+            "timeout": RPC_TIMEOUT_S,
+            "options": dict(_GRPC_OPTIONS),
+        }
+        if self._tls is not None:
+            return TlsClient(credentials=self._tls.credentials(), **kwargs)
+        return aetcd.Client(**kwargs)
 
     async def connect(self) -> None:
         """Reach the first answering endpoint and grant the lease."""
@@ -199,7 +322,11 @@ class EtcdDiscovery(Discovery):
             self._stopping = False
             self._keepalive = asyncio.create_task(self._keepalive_loop(), name="etcd-keepalive")
             return
-        raise cannot_connect("cannot reach etcd (ETCD_ENDPOINTS): " + "; ".join(errors))
+        what = "cannot reach etcd (ETCD_ENDPOINTS"
+        if self._tls is not None:
+            # A failed handshake looks like an unreachable server to gRPC; say where to look.
+            what += "; TLS: check ETCD_AUTH_CA and the client certificate"
+        raise cannot_connect(what + "): " + "; ".join(errors))
 
     async def put(self, key: str, value: dict) -> None:
         async with self._lock:

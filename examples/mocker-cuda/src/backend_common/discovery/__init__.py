@@ -38,8 +38,10 @@ __all__ = [
 def create_discovery(config: WorkerConfig) -> Discovery:
     """The backend for ``config``; not connected yet (call ``connect()``).
 
-    etcd: ``config.etcd_endpoints`` plus ``ETCD_LEASE_TTL`` (default 10 s),
-    ``ETCD_AUTH_USERNAME`` / ``ETCD_AUTH_PASSWORD`` from the environment.
+    etcd: ``config.etcd_endpoints`` plus, from the environment, ``ETCD_LEASE_TTL`` (default
+    10 s), ``ETCD_AUTH_USERNAME`` / ``ETCD_AUTH_PASSWORD`` and, for TLS (``https://``
+    endpoints), ``ETCD_AUTH_CA`` / ``ETCD_AUTH_CLIENT_CERT`` / ``ETCD_AUTH_CLIENT_KEY``
+    (PEM file paths or PEM text; see ``etcd.EtcdTls``).
     file: ``config.file_kv``, else ``DYN_FILE_KV``, else ``$TMPDIR/dynamo_store_kv``.
     """
     if config.discovery_backend == "etcd":
