@@ -87,6 +87,21 @@ async def test_openai_surface(make_stack, discovery: str, plane: str) -> None:
         assert missing.status == 404
 
 
+async def test_msgpack_request_plane_codec(make_stack) -> None:
+    """A worker advertising msgpack (as Dynamo's Rust workers do) gets msgpack bodies."""
+    stack: Stack = make_stack("file", "tcp")
+    stack.serve("tiny-msgpack", env={"DYN_REQUEST_PLANE_CODEC": "msgpack"})
+    record = next((stack.frontend.file_kv / "v1" / "instances").iterdir()).read_text()
+    assert '"request_plane_codec":"msgpack"' in record.replace(" ", "")
+    base = stack.frontend.base_url
+    async with aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            result = await chat(session, base, "tiny-msgpack", "w3", max_tokens=5, stream=stream)
+            assert result.status == 200, result.error
+            assert result.text.strip() == words(5).strip()
+            assert result.usage["completion_tokens"] == 5
+
+
 async def test_client_disconnect_cancels_and_releases(make_stack) -> None:
     stack: Stack = make_stack("file", "tcp")
     port = free_port()

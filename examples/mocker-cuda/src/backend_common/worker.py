@@ -299,9 +299,21 @@ class Worker:
             ),
             (
                 instance_key(ns, comp, ep, instance_id),
-                endpoint_record(ns, comp, ep, instance_id, transport, device_type=None),
+                endpoint_record(
+                    ns, comp, ep, instance_id, transport, device_type=None, codec=self._codec()
+                ),
             ),
         ]
+
+    @staticmethod
+    def _codec() -> str:
+        # The frontend encodes request bodies (and we encode response items) with the codec
+        # the Endpoint record advertises. JSON by default; Dynamo's Rust workers use msgpack.
+        codec = os.environ.get("DYN_REQUEST_PLANE_CODEC", "json").strip().lower() or "json"
+        if codec not in ("json", "msgpack"):
+            log.warning("DYN_REQUEST_PLANE_CODEC=%r is not json or msgpack; using json", codec)
+            return "json"
+        return codec
 
     async def _register(self) -> None:
         assert self._discovery is not None and self.engine_config is not None
