@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import require_frontend
 from tokenizers import Tokenizer
 
 from backend_common.devstack.frontend import (
@@ -276,15 +277,7 @@ def _start_sample_worker(
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    python = find_frontend_python()
-    if python is None:
-        why = (
-            "real Dynamo frontend not found: set DYNAMO_FRONTEND_PYTHON "
-            f"(now {os.environ.get('DYNAMO_FRONTEND_PYTHON')!r}) or run `make frontend`"
-        )
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(why)
-        pytest.skip(why)
+    python = require_frontend()
     tmp = tmp_path_factory.mktemp("devstack")
     model_dir = write_tiny_model(tmp / "tiny-model")
     fe = Frontend(python=python, workdir=tmp / "fe", discovery_backend="file")

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import aetcd
 import pytest
+from conftest import require_frontend
 
 from backend_common.config import EngineConfig, WorkerConfig
-from backend_common.devstack.frontend import find_frontend_python, hermetic_env, worker_env
+from backend_common.devstack.frontend import hermetic_env, worker_env
 from backend_common.devstack.services import EtcdServer, ManagedProcess
 from backend_common.devstack.tinymodel import write_tiny_model
 from backend_common.discovery import create_discovery
@@ -445,13 +446,7 @@ async def test_file_create_if_absent(tmp_path: Path) -> None:
 
 
 def _frontend_python() -> str:
-    python = find_frontend_python()
-    if python is None:
-        why = "real Dynamo venv not found: set DYNAMO_FRONTEND_PYTHON or run `make frontend`"
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(why)
-        pytest.skip(why)
-    return python
+    return require_frontend()
 
 
 @pytest.mark.e2e
