@@ -2,9 +2,9 @@
 ``Server unavailable`` ACK, all through the real Dynamo 1.6.1 frontend on 127.0.0.1 started
 with its default flags (no ``--migration-limit``) unless a test says otherwise.
 
-Durations (2 cores): rolling restart 10 repetitions x 5 s (both restarts take 1-2 s of
-it) with 16 streaming clients under load the whole time (~55 s); drain ~4 s; retry check
-~1 s x 2. Results are summarised in
+Durations (2 cores): rolling restart 10 repetitions x 30 s, as the issue asks (both
+restarts take 1-2 s of each; 16 streaming clients keep the load on the whole time, ~5 min);
+drain ~4 s; retry check ~1 s x 2. Results are summarised in
 docs/reliability.md.
 """
 
@@ -31,9 +31,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 REPETITIONS = 10
 CLIENTS = 16
-# Each repetition lasts at least this long (both restarts take ~1.5 s; the clients keep
-# streaming for the rest), so the whole test stays around a minute on 2 cores.
-REP_WINDOW_S = 5.0
+# Each repetition lasts at least this long: 16 clients streaming for 30 s, during which one
+# worker is restarted and then the other (both restarts take ~1.5 s).
+REP_WINDOW_S = 30.0
 
 
 def instance_id(proc) -> int | None:
@@ -62,6 +62,7 @@ def wait_routed(stack: Stack, proc, timeout: float = 20) -> int:
     return iid
 
 
+@pytest.mark.timeout(600)
 async def test_rolling_restart(make_stack) -> None:
     """Two workers behind a frontend with its default flags (no request migration), 16
     concurrent streaming clients; each of 10 repetitions SIGTERMs one worker, starts its
