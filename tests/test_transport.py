@@ -487,3 +487,38 @@ async def test_nats_request_plane(nats_url: str) -> None:
             await srv.close()
         await client_nc.close()
         await worker_nc.close()
+
+
+async def test_nats_server_serves_an_added_subject(nats_url: str) -> None:
+    """After re-registration under a new instance id the worker also listens on the new
+    subject; the old one keeps working until close() ends both."""
+    import nats
+
+    old = nats_subject("dynamo", "backend", "generate", 1)
+    new = nats_subject("dynamo", "backend", "generate", 2)
+    handled: list[str] = []
+
+    async def handle(s: str, headers: dict[str, str], body: bytes) -> None:
+        handled.append(s)
+
+    worker_nc = await nats.connect(nats_url, allow_reconnect=False, connect_timeout=5)
+    client_nc = await nats.connect(nats_url, allow_reconnect=False, connect_timeout=5)
+    server = NatsRequestServer(worker_nc, old, admit=lambda s: None, handle=handle)
+    try:
+        await server.start()
+        with pytest.raises(nats.errors.NoRespondersError):
+            await client_nc.request(new, b"x", timeout=5)
+        await server.add_subject(new)
+        for subject in (old, new):
+            reply = await client_nc.request(subject, b"x", timeout=5)
+            assert reply.data == b""
+        await asyncio.sleep(0.05)
+        assert sorted(handled) == sorted([old, new])
+        await server.close()
+        for subject in (old, new):
+            with pytest.raises(nats.errors.NoRespondersError):
+                await client_nc.request(subject, b"x", timeout=5)
+    finally:
+        await server.close()
+        await client_nc.close()
+        await worker_nc.close()

@@ -47,7 +47,9 @@ class NatsRequestServer:
         self.subject = subject
         self._admit = admit
         self._handle = handle
-        self._sub: Subscription | None = None
+        # One subscription per subject: the endpoint's, plus the subject of each new instance
+        # id after a re-registration (the old one keeps serving requests routed before).
+        self._subs: list[Subscription] = []
         self._handler_tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -56,7 +58,11 @@ class NatsRequestServer:
 
     async def start(self) -> None:
         """Subscribe (queue group ``q``) and flush so the subscription is live on return."""
-        self._sub = await self._nc.subscribe(self.subject, queue=QUEUE_GROUP, cb=self._on_msg)
+        await self.add_subject(self.subject)
+
+    async def add_subject(self, subject: str) -> None:
+        """Also serve ``subject`` (same queue group and handlers); live on return."""
+        self._subs.append(await self._nc.subscribe(subject, queue=QUEUE_GROUP, cb=self._on_msg))
         await self._sync()
 
     async def close(self) -> None:
@@ -64,13 +70,15 @@ class NatsRequestServer:
 
         Running handler tasks keep running; the connection stays open (the caller owns it).
         """
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            try:
+        subs, self._subs = self._subs, []
+        if not subs:
+            return
+        try:
+            for sub in subs:
                 await sub.unsubscribe()
-                await self._sync()
-            except Exception as exc:  # connection already closed or draining
-                log.debug("NATS unsubscribe of %s failed: %s", self.subject, exc)
+            await self._sync()
+        except Exception as exc:  # connection already closed or draining
+            log.debug("NATS unsubscribe of %s failed: %s", self.subject, exc)
 
     async def _sync(self) -> None:
         """Return once the server has processed our queued SUB/UNSUB.
