@@ -113,11 +113,12 @@ async def _inactivity_bounded(
 
 
 class ActiveRequest:
-    __slots__ = ("ctx", "aborted", "task")
+    __slots__ = ("ctx", "aborted", "abort_deferred", "task")
 
     def __init__(self, ctx: GenerateContext) -> None:
         self.ctx = ctx
-        self.aborted = False
+        self.aborted = False  # abort() was decided for this request (at most once)
+        self.abort_deferred = False  # decided, but waiting for the first token (decode)
         self.task: asyncio.Task[Any] | None = None
 
 
@@ -163,6 +164,29 @@ class EngineAdapter:
             self._cancel(entry, kill=False)
         return len(self.active)
 
+    def new_entry(
+        self,
+        request_id: str,
+        *,
+        metadata: dict[str, str] | None = None,
+        trace_headers: dict[str, str] | None = None,
+    ) -> ActiveRequest:
+        """The bookkeeping of one request; its context reports the first token back here."""
+        holder: list[ActiveRequest] = []
+        ctx = GenerateContext(
+            request_id,
+            metadata=metadata,
+            trace_headers=trace_headers,
+            on_first_token=lambda: self._on_first_token(holder[0]),
+        )
+        holder.append(ActiveRequest(ctx))
+        return holder[0]
+
+    def _on_first_token(self, entry: ActiveRequest) -> None:
+        if entry.abort_deferred:
+            entry.abort_deferred = False
+            asyncio.get_running_loop().create_task(self._abort(entry.ctx))
+
     def _cancel(self, entry: ActiveRequest, *, kill: bool) -> None:
         if kill:
             entry.ctx.kill()
@@ -171,7 +195,14 @@ class EngineAdapter:
         if not entry.aborted:
             entry.aborted = True
             loop = asyncio.get_running_loop()
-            loop.create_task(self._abort(entry.ctx))
+            if self.mode is DisaggregationMode.DECODE and not entry.ctx.first_token_seen:
+                # A decode worker aborts only once its first token exists: an earlier abort
+                # could strand the prefill peer's KV transfer (contract 11.5). A stream that
+                # ends before its first token is never aborted.
+                entry.abort_deferred = True
+                log.debug("deferring engine.abort() until first-token observed")
+            else:
+                loop.create_task(self._abort(entry.ctx))
             if kill:
                 # The client is gone. An engine that ignores kill (stuck in an await) must not
                 # keep the request in flight forever: cancel its task after a grace period.
@@ -207,14 +238,10 @@ class EngineAdapter:
                 "request %s: unsupported response transport %r", control.id, control.transport
             )
             return
-        entry = ActiveRequest(
-            GenerateContext(
-                control.id,
-                metadata=control.metadata,
-                trace_headers={
-                    k: v for k, v in headers.items() if k in ("traceparent", "tracestate")
-                },
-            )
+        entry = self.new_entry(
+            control.id,
+            metadata=control.metadata,
+            trace_headers={k: v for k, v in headers.items() if k in ("traceparent", "tracestate")},
         )
         entry.task = asyncio.current_task()
         self.active[control.id] = entry
