@@ -177,7 +177,7 @@ def test_guard_collected_unreleased_releases() -> None:
     assert release.calls == 1
 
 
-def test_async_release_callback_is_refused_loudly(caplog: pytest.LogCaptureFixture) -> None:
+def test_async_release_without_a_loop_is_dropped_loudly(caplog: pytest.LogCaptureFixture) -> None:
     ran = []
 
     async def release() -> None:
@@ -187,4 +187,65 @@ def test_async_release_callback_is_refused_loudly(caplog: pytest.LogCaptureFixtu
         with RequestGuard(release):
             pass
     assert ran == []
-    assert "must be sync" in caplog.text
+    assert "no running loop" in caplog.text
+
+
+async def test_async_release_is_awaited_by_async_with() -> None:
+    ran = []
+
+    async def release() -> None:
+        await asyncio.sleep(0)
+        ran.append(1)
+
+    async with RequestGuard(release) as guard:
+        pass
+    assert ran == [1] and guard.released
+    await guard.arelease()
+    assert ran == [1]
+
+
+async def test_async_release_from_a_sync_exit_runs_as_a_task() -> None:
+    ran = []
+
+    async def release() -> None:
+        ran.append(1)
+
+    async def stream():
+        with RequestGuard(release):
+            yield 1
+            yield 2
+
+    gen = stream()
+    assert await gen.__anext__() == 1
+    await gen.aclose()  # GeneratorExit at the yield: the sync __exit__ schedules the coroutine
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert ran == [1]
+
+
+async def test_async_release_on_aclose_of_async_with_stream() -> None:
+    ran = []
+
+    async def release() -> None:
+        await asyncio.sleep(0)
+        ran.append(1)
+
+    async def stream():
+        async with RequestGuard(release):
+            yield 1
+            yield 2
+
+    gen = stream()
+    await gen.__anext__()
+    await gen.aclose()
+    assert ran == [1]
+
+
+async def test_async_release_failure_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async def release() -> None:
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.ERROR, logger="backend_common.guard"):
+        async with RequestGuard(release):
+            pass
+    assert "release callback failed" in caplog.text
