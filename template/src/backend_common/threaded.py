@@ -162,7 +162,7 @@ class ThreadFeed(Generic[T]):
             self._cancel_callbacks.append(callback)
 
     def cancel(self) -> None:
-        """Consumer side: stop the stream now. Idempotent; loop thread only."""
+        """Consumer side: stop the stream now (also ends the watcher). Idempotent; loop only."""
         if self._cancelled.is_set():
             return
         self._cancelled.set()
@@ -172,6 +172,7 @@ class ThreadFeed(Generic[T]):
         for callback in callbacks:
             callback()
         self._on_wake()
+        self.aclose()
 
     async def get(self) -> list[T]:
         """Every item queued now, waiting for at least one; [] when the stream ended.
