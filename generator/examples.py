@@ -30,6 +30,11 @@ EXAMPLES: dict[str, dict[str, str]] = {
         "disagg_roles": "agg,prefill,decode",
         **_AUTHOR,
     },
+    "transformers-cpu": {
+        "project_name": "transformers-cpu",
+        "engine_kind": "transformers",
+        **_AUTHOR,
+    },
 }
 
 

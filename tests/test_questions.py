@@ -70,6 +70,14 @@ def test_choices_reject_unknown_values(
         render_snapshot(src, tmp_path / "out", {**BASE, question: value})
 
 
+def test_transformers_refuses_disaggregated_roles(src: Path, tmp_path: Path) -> None:
+    data = {**BASE, "engine_kind": "transformers", "disagg_roles": "agg,prefill,decode"}
+    with pytest.raises(ValueError, match="Validation error for question 'disagg_roles'") as info:
+        render_snapshot(src, tmp_path / "out", data)
+    assert "aggregated role only" in str(info.value)
+    assert not (tmp_path / "out" / "pyproject.toml").exists()
+
+
 def test_error_messages_say_what_is_expected(src: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError) as info:
         render_snapshot(src, tmp_path / "out", {**BASE, "project_name": "My_Backend"})

@@ -28,12 +28,19 @@ from generator.manifest import RUNTIME_DIR, check_manifest, runtime_files
 from generator.render import render_snapshot, snapshot
 
 AXES = {
-    "engine_kind": ["skeleton", "mocker"],
+    "engine_kind": ["skeleton", "mocker", "transformers"],
     "accelerator": ["cpu", "cuda"],
     "disagg_roles": ["agg", "agg,prefill,decode"],
     "request_plane": ["tcp", "nats"],
 }
-COMBOS = [dict(zip(AXES, values, strict=True)) for values in itertools.product(*AXES.values())]
+COMBOS = [
+    combo
+    for values in itertools.product(*AXES.values())
+    if not (
+        (combo := dict(zip(AXES, values, strict=True)))["engine_kind"] == "transformers"
+        and combo["disagg_roles"] != "agg"  # refused by the question's validator
+    )
+]
 # The remaining answers vary along the matrix instead of multiplying it.
 PYTHONS = ["3.11", "3.12"]
 LICENSES = ["Apache-2.0", "MIT", "Proprietary"]
@@ -148,20 +155,24 @@ def test_vendored_runtime_is_byte_identical(rendered, key: str) -> None:
 def test_answers_land_where_they_should(rendered, key: str) -> None:
     project, data = rendered[key]
     package = project / "src" / data["project_name"].replace("-", "_")
-    mocker = data["engine_kind"] == "mocker"
+    kind = data["engine_kind"]
+    mocker = kind == "mocker"
     for name in ("__init__.py", "__main__.py", "args.py", "errors.py", "guard.py", "engine.py"):
         assert (package / name).is_file(), name
     assert (package / "mocker").is_dir() == mocker
-    assert (project / "tests" / "test_engine.py").is_file() == (not mocker)
+    assert (package / "hf").is_dir() == (kind == "transformers")
+    assert (project / "tests" / "test_engine.py").is_file() == (kind == "skeleton")
 
     answers = yaml.safe_load((project / ".copier-answers.yml").read_text(encoding="utf-8"))
     assert {k: answers[k] for k in data} == data
 
     pyproject = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))
     assert pyproject["project"]["requires-python"] == f">={data['python_version']}"
-    assert any(d.startswith("torch") for d in pyproject["project"]["dependencies"]) == mocker
+    dependencies = pyproject["project"]["dependencies"]
+    assert any(d.startswith("torch") for d in dependencies) == (kind != "skeleton")
+    assert any(d.startswith("transformers") for d in dependencies) == (kind == "transformers")
     makefile = (project / "Makefile").read_text(encoding="utf-8")
-    assert ("pip install -q $(TORCH_CPU)" in makefile) == mocker
+    assert ("pip install -q $(TORCH_CPU)" in makefile) == (kind != "skeleton")
     assert "-include local.mk" in makefile
 
     dockerfile = (project / "Dockerfile").read_text(encoding="utf-8")
@@ -184,7 +195,8 @@ def test_answers_land_where_they_should(rendered, key: str) -> None:
 
 
 def test_matrix_covers_every_combination() -> None:
-    assert len(COMBOS) == 16 == len(set(IDS))
+    # 2 kinds x 16, plus transformers with the aggregated role only (x 4)
+    assert len(COMBOS) == 20 == len(set(IDS))
 
 
 def test_runtime_manifest_is_current() -> None:
