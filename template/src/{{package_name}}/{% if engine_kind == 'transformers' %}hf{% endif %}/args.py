@@ -40,6 +40,7 @@ class HfSettings:
     context_length: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    cpu_threads: int = 0
 
 
 def _positive_int(text: str) -> int:
@@ -120,6 +121,13 @@ def add_hf_args(parser: argparse.ArgumentParser, *, default_device: str = "auto"
         help="reuse the KV blocks of identical prompt prefixes",
     )
     g.add_argument("--seed", type=int, default=d.seed, help="seed of unseeded sampled requests")
+    g.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=d.cpu_threads,
+        help="torch intra-op threads (0: torch's default, one per core); 1 is fastest for "
+        "small models on a shared or busy machine",
+    )
 
 
 def check_model_path(model_path: str | None) -> str:
@@ -195,4 +203,5 @@ def settings_from_args(args: argparse.Namespace, model_path: str) -> HfSettings:
         context_length=args.context_length,
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
+        cpu_threads=args.cpu_threads,
     )

@@ -205,6 +205,8 @@ class EngineCore:
 
         s = self.settings
         device = _resolve_device(s.device)
+        if s.cpu_threads > 0:
+            torch.set_num_threads(s.cpu_threads)
         torch.manual_seed(s.seed)
         model = AutoModelForCausalLM.from_pretrained(
             s.model_path, dtype=_resolve_dtype(s.dtype, device), attn_implementation="sdpa"
