@@ -1,8 +1,9 @@
 """``make run``: this backend on loopback, plus the real Dynamo frontend when it is installed.
 
 Discovery is file based (a directory under ``.run/``), so no etcd is needed; the request
-plane is the project's default (tcp). Without ``--model-path`` a tokenizer-only model is written to
-``.run/model``. The frontend runs when ``.venv-dynamo`` exists (``make frontend``) or
+plane is the project's default (tcp). Without ``--model-path`` a tiny model
+(tokenizer only) is written to ``.run/model``.
+The frontend runs when ``.venv-dynamo`` exists (``make frontend``) or
 ``DYNAMO_FRONTEND_PYTHON`` names one. Ctrl-C stops everything this script started.
 
     make run RUN_ARGS="--http-port 8001 -- --delay 0.05"   (after --: worker flags)

@@ -5,7 +5,7 @@ Needs the frontend's own virtual environment: ``make e2e`` installs it into ``.v
 point at another one. Without it the tests are skipped and say so. Everything runs on
 127.0.0.1 on free ports: file discovery in a temporary directory, the project's default
 request plane (tcp),
-and a tokenizer-only model written by ``backend_common.devstack.tinymodel``.
+and a tiny model written by ``backend_common.devstack``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from backend_common.devstack.frontend import (
     hermetic_env,
     worker_env,
 )
-from backend_common.devstack.openai import chat
+from backend_common.devstack.openai import chat, completion
 from backend_common.devstack.services import ManagedProcess, NatsServer, free_port
-from backend_common.devstack.tinymodel import write_tiny_model
+from backend_common.devstack.tinymodel import write_tiny_model as write_model
 
 from mocker_cuda.args import DEFAULT_REQUEST_PLANE
 
@@ -56,7 +56,7 @@ class Stack:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    model_path = write_tiny_model(tmp_path / "model")
+    model_path = write_model(tmp_path / "model")
     nats = None
     if DEFAULT_REQUEST_PLANE == "nats":
         nats = NatsServer(log_path=tmp_path / "nats.log").start()
@@ -111,6 +111,17 @@ async def test_non_streaming_chat_request(stack: Stack) -> None:
     async with aiohttp.ClientSession() as session:
         result = await chat(
             session, stack.frontend.base_url, MODEL, "hello", max_tokens=4, stream=False
+        )
+    assert result.ok, f"{result.status} {result.error}\n{stack.logs()}"
+    assert result.text.strip()
+    assert result.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_completions_request(stack: Stack, stream: bool) -> None:
+    async with aiohttp.ClientSession() as session:
+        result = await completion(
+            session, stack.frontend.base_url, MODEL, "w1 w2 w3", max_tokens=4, stream=stream
         )
     assert result.ok, f"{result.status} {result.error}\n{stack.logs()}"
     assert result.text.strip()

@@ -23,9 +23,9 @@ loop the coroutine is closed and an error logged: it cannot run anywhere.
 
 from __future__ import annotations
 
-import logging
 import asyncio
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 

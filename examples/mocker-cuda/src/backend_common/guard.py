@@ -13,10 +13,18 @@ finalizer, or ``__del__`` as the last resort). ``RequestGuard`` covers them all:
 
 ``release`` runs exactly once, whatever happens; calling ``release()`` again
 (or exiting twice) is a no-op. Use it as a sync or async context manager.
+
+``release`` may be an async callback (``lambda: engine.abort(request_id)`` for an
+engine whose cancel is a coroutine). ``async with`` awaits it on exit (also on
+``aclose()``); sync exit paths (``with``, ``release()``, garbage collection) schedule
+it as a task on the running loop, kept referenced until it finished. Without a running
+loop the coroutine is closed and an error logged: it cannot run anywhere.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +32,17 @@ from typing import Any
 __all__ = ["RequestGuard"]
 
 log = logging.getLogger(__name__)
+
+# Release tasks scheduled from sync exit paths: referenced until done (the loop keeps
+# only weak references to tasks).
+_PENDING: set[asyncio.Task[Any]] = set()
+
+
+async def _await_release(result: Awaitable[Any]) -> None:
+    try:
+        await result
+    except Exception:
+        log.exception("RequestGuard release callback failed")
 
 
 class RequestGuard:
@@ -45,13 +64,32 @@ class RequestGuard:
         fn, self._release = self._release, None
         try:
             result = fn() if fn is not None else None
-            if isinstance(result, Awaitable):
-                # A coroutine callback cannot be awaited from a sync exit path; close it
-                # so it is not leaked, and say so: release callbacks must be sync.
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
-                log.error("RequestGuard release callback returned an awaitable; it must be sync")
+            if inspect.isawaitable(result):
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    # No loop to run it on (a generator collected after its loop ended).
+                    close = getattr(result, "close", None)
+                    if close is not None:
+                        close()
+                    log.error("RequestGuard: async release callback dropped: no running loop")
+                    return
+                task = loop.create_task(_await_release(result))
+                _PENDING.add(task)
+                task.add_done_callback(_PENDING.discard)
+        except Exception:
+            log.exception("RequestGuard release callback failed")
+
+    async def arelease(self) -> None:
+        """Run the release callback now (once), awaiting it when it is async."""
+        if self._released:
+            return
+        self._released = True
+        fn, self._release = self._release, None
+        try:
+            result = fn() if fn is not None else None
+            if inspect.isawaitable(result):
+                await result
         except Exception:
             log.exception("RequestGuard release callback failed")
 
@@ -65,7 +103,7 @@ class RequestGuard:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.release()
+        await self.arelease()
 
     def __del__(self) -> None:
         # Last resort for a generator that was garbage collected without being closed.

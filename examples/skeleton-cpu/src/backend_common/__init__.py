@@ -7,7 +7,8 @@ real ``python -m dynamo.frontend`` discovers and routes OpenAI traffic to.
 Engine code imports from here only: the contract (``LLMEngine``,
 ``EngineConfig``, ``WorkerConfig``, ``PreprocessedRequest``,
 ``LLMEngineOutput``, ``FinishReason``, ``GenerateContext``, ``chunk``,
-``usage``), ``RequestGuard``, ``errors`` and ``testing``.
+``usage``), ``RequestGuard``, ``ThreadFeed`` (results from an engine's own compute
+thread to a request's stream, see ``threaded``), ``errors`` and ``testing``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .context import GenerateContext
 from .engine import LLMEngine
 from .errors import BackendError, DynamoError, ErrorType
 from .guard import RequestGuard
+from .threaded import ThreadFeed
 from .types import (
     FinishReason,
     LLMEngineOutput,
@@ -44,6 +46,7 @@ __all__ = [
     "LLMEngineOutput",
     "PreprocessedRequest",
     "RequestGuard",
+    "ThreadFeed",
     "WorkerConfig",
     "chunk",
     "run",

@@ -152,8 +152,8 @@ def check_model_path(model_path: str | None) -> str:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise invalid_arg(
-            f"--model-path {model_path}: cannot read {config_file.name} ({exc.__class__.__name__}); "
-            "expected a Hugging Face causal LM directory"
+            f"--model-path {model_path}: cannot read {config_file.name} "
+            f"({exc.__class__.__name__}); expected a Hugging Face causal LM directory"
         ) from None
     architectures = config.get("architectures") or []
     if not any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):

@@ -117,7 +117,7 @@ class RequestParams:
         defaults: SamplingDefaults,
         vocab_size: int,
     ) -> RequestParams:
-        """Validate ``request`` against the model; raise ``InvalidArgument`` on what cannot be honoured.
+        """Check ``request`` against the model; ``InvalidArgument`` for what cannot be honoured.
 
         ``max_tokens`` is clamped to ``context_length - prompt_len`` (absent: all of it).
         EOS ids are the model's (generation config) plus the request's ``eos_token_ids``;
@@ -173,7 +173,9 @@ class RequestParams:
         min_p = so.min_p or 0.0
         if not (0.0 <= min_p <= 1.0):
             raise invalid_arg(f"min_p must be in [0, 1], got {min_p}")
-        rep = defaults.repetition_penalty if so.repetition_penalty is None else so.repetition_penalty
+        rep = (
+            defaults.repetition_penalty if so.repetition_penalty is None else so.repetition_penalty
+        )
         if not math.isfinite(rep) or rep <= 0:
             raise invalid_arg(f"repetition_penalty must be > 0, got {rep}")
         presence, frequency = so.presence_penalty or 0.0, so.frequency_penalty or 0.0

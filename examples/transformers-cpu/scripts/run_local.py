@@ -1,0 +1,108 @@
+"""``make run``: this backend on loopback, plus the real Dynamo frontend when it is installed.
+
+Discovery is file based (a directory under ``.run/``), so no etcd is needed; the request
+plane is the project's default (tcp). Without ``--model-path`` a tiny model
+(random weights) is written to ``.run/model``.
+The frontend runs when ``.venv-dynamo`` exists (``make frontend``) or
+``DYNAMO_FRONTEND_PYTHON`` names one. Ctrl-C stops everything this script started.
+
+    make run RUN_ARGS="--http-port 8001 -- --delay 0.05"   (after --: worker flags)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from backend_common.devstack.frontend import (
+    Frontend,
+    find_frontend_python,
+    hermetic_env,
+    worker_env,
+)
+from backend_common.devstack.services import NatsServer, free_port
+from backend_common.devstack.tinyllm import write_tiny_causal_lm as write_tiny_model
+
+from transformers_cpu.args import DEFAULT_REQUEST_PLANE
+
+RUN_DIR = Path(".run")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", help="model directory (default: a tiny tokenizer-only one)")
+    parser.add_argument("--model-name", default="tiny", help="served model name")
+    parser.add_argument("--http-port", type=int, default=8000, help="frontend port")
+    parser.add_argument("worker_args", nargs="*", help="extra worker flags (after --)")
+    args = parser.parse_args()
+
+    RUN_DIR.mkdir(exist_ok=True)
+    model_path = args.model_path or str(write_tiny_model(RUN_DIR / "model"))
+    file_kv = (RUN_DIR / "filekv").absolute()
+    with contextlib.ExitStack() as stack:
+        nats_url = None
+        if DEFAULT_REQUEST_PLANE == "nats":
+            nats = NatsServer(log_path=RUN_DIR / "nats.log").start()
+            stack.callback(nats.stop)
+            nats_url = nats.url
+        frontend_python = find_frontend_python()
+        frontend = None
+        if frontend_python is not None:
+            frontend = Frontend(
+                workdir=RUN_DIR / "frontend",
+                python=frontend_python,
+                file_kv=file_kv,
+                request_plane=DEFAULT_REQUEST_PLANE,
+                nats_url=nats_url,
+                http_port=args.http_port,
+            ).start()
+            stack.callback(frontend.stop)
+        else:
+            print("No Dynamo frontend installed (`make frontend`): running the backend alone.")
+        env = worker_env(
+            discovery_backend="file",
+            file_kv=file_kv,
+            request_plane=DEFAULT_REQUEST_PLANE,
+            nats_url=nats_url,
+            system_port=free_port(),
+        )
+        argv = [sys.executable, "-m", "transformers_cpu", "--model-path", model_path]
+        argv += ["--model-name", args.model_name, "--discovery-backend", "file"]
+        worker = subprocess.Popen([*argv, *args.worker_args], env=hermetic_env(env))
+        stack.callback(_stop, worker)
+        if frontend is not None:
+            frontend.wait_for_model(args.model_name, timeout=90)
+            body = json.dumps(
+                {
+                    "model": args.model_name,
+                    "max_tokens": 16,
+                    "messages": [{"role": "user", "content": "hello"}],
+                }
+            )
+            print(
+                f"\nReady. Try:\n  curl -s {frontend.base_url}/v1/chat/completions "
+                f"-H 'Content-Type: application/json' -d '{body}'\nCtrl-C stops everything.\n"
+            )
+        try:
+            return worker.wait()
+        except KeyboardInterrupt:
+            return 0
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

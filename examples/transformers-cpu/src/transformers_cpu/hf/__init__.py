@@ -1,0 +1,13 @@
+"""A real inference engine: a Hugging Face causal LM with continuous batching.
+
+Modules, one concept each:
+
+* ``args``: the engine's CLI flags, ``HfSettings`` and the model directory check.
+* ``sampling``: per-request decoding rules (``RequestParams``) and the logits processor
+  that applies them inside the batch.
+* ``core``: ``EngineCore``, the model behind transformers' ``ContinuousBatchingManager``
+  on its own compute thread, feeding each request's ``ThreadFeed``.
+* ``metrics``: the ``hf_*`` Prometheus metrics.
+
+The engine class itself lives in the package's ``engine.py``.
+"""
