@@ -17,10 +17,16 @@ OTHER_PLANE = {"tcp": "nats", "nats": "tcp"}[DEFAULT_REQUEST_PLANE]
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Flags must decide, not whatever DYN_* the developer's shell exports."""
     for name in ("DYN_REQUEST_PLANE", "DYN_DISAGGREGATION_MODE", "DYN_MODEL_NAME"):
         monkeypatch.delenv(name, raising=False)
+    # The engine needs a causal LM directory; from_args reads only its config.json.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (model / "model.safetensors").write_bytes(b"")
+    monkeypatch.setenv("DYN_MODEL_PATH", str(model))
 
 
 def test_from_args_builds_the_engine_and_its_config() -> None:
