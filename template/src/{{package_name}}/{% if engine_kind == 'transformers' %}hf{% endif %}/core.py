@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend_common import ThreadFeed
-from backend_common.errors import engine_shutdown, invalid_arg
+from backend_common.errors import engine_shutdown, invalid_arg, unknown
 
 from .args import HfSettings
 from .sampling import PARAMS_KWARG, PerRequestSampler, RequestParams, SamplingDefaults
@@ -363,7 +363,7 @@ class EngineCore:
         if output.error is not None:
             if new:
                 entry.feed.put(Delta(new))
-            entry.feed.fail(RuntimeError(f"transformers engine: {output.error}"))
+            entry.feed.fail(unknown(f"transformers engine failed the request: {output.error}"))
         elif output.is_finished():
             entry.feed.close(Delta(new, finished=True))
         elif new:
