@@ -9,7 +9,7 @@ then measures and prints one JSON document (also written to ``--out``):
 * ``serving``: output tokens/s and TTFT p50 at concurrency 1, 16 and 64 (streaming
   completions, ``ignore_eos``, fixed ``max_tokens``), and the ratio c16 / c1;
 * ``offline``: ``model.generate_batch`` (the same ContinuousBatchingManager, no serving)
-  on 64 of the same prompts at once, after a warm-up call, output tokens/s;
+  on 64 of the same prompts at once, after a warm-up call, output tokens/s (best of 3);
 * ``disconnect``: a client that drops a stream mid-way; the worker's KV blocks in use
   (``hf_kv_blocks_used`` on its /metrics) must return to the baseline.
 
@@ -151,15 +151,18 @@ def offline(
     # The cache the worker uses on the CPU by default (hf/core.py): 4 full-context sequences.
     cb = ContinuousBatchingConfig(page_size=64, num_blocks=128, max_batch_tokens=512)
     model.generate_batch(inputs[:8], generation_config=gen, continuous_batching_config=cb)
-    t0 = time.perf_counter()
-    out = model.generate_batch(inputs, generation_config=gen, continuous_batching_config=cb)
-    wall = time.perf_counter() - t0
-    tokens = sum(len(o.generated_tokens) for o in out.values())
+    runs = []
+    for _ in range(3):  # a shared machine is noisy: keep every run, report the best
+        t0 = time.perf_counter()
+        out = model.generate_batch(inputs, generation_config=gen, continuous_batching_config=cb)
+        wall = time.perf_counter() - t0
+        tokens = sum(len(o.generated_tokens) for o in out.values())
+        runs.append(round(tokens / wall, 1))
     return {
         "requests": requests,
         "output_tokens": tokens,
-        "wall_s": round(wall, 3),
-        "output_tok_s": round(tokens / wall, 1),
+        "output_tok_s": max(runs),
+        "runs_tok_s": runs,
     }
 
 
