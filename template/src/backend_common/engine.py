@@ -24,7 +24,10 @@ conformance kit): yield non-terminal items (``chunk.token(id)``), then exactly
 one terminal item (``finish_reason`` set) as the last item, or raise a
 ``DynamoError``. On ``ctx.is_stopped()`` end with ``LLMEngineOutput.cancelled()``.
 Resources that must be freed on every exit path belong in a ``RequestGuard``
-(or ``try/finally``) inside ``generate``, not in ``abort``.
+(or ``try/finally``) inside ``generate``, not in ``abort``; its release callback
+may be async (``lambda: engine.abort_request(id)``). An engine that computes on
+its own threads hands results to the stream through a ``ThreadFeed`` (never
+blocking the loop) and reads cancellation from it on those threads.
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ __all__ = ["TransformersCpuEngine"]
 
 log = logging.getLogger(__name__)
 
-# Where the model runs unless --device says otherwise (chosen at generation).
+# Where the model runs unless --device says otherwise: CUDA when available, else the CPU
+# (so a CUDA project's tests also run on a machine without a GPU).
 DEFAULT_DEVICE = "auto"
 # How often the KV usage snapshot (the router's load signal) is pushed, when it changed.
 SNAPSHOT_INTERVAL_S = 0.1
