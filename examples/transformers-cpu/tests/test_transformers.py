@@ -166,6 +166,24 @@ async def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(
     assert c == greedy_reference(reference, prompt, 10)
 
 
+async def test_repetition_penalty_matches_transformers(engine: Any, reference: Any) -> None:
+    prompt = prompts(4)[3]
+    sampling = {"temperature": 0.0, "repetition_penalty": 1.5}
+    tokens, _ = await run(
+        engine, request(prompt, max_tokens=12, ignore_eos=True, sampling=sampling)
+    )
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            repetition_penalty=1.5,
+            pad_token_id=0,
+        )
+    assert tokens == out[0, len(prompt) :].tolist()
+
+
 async def test_cancellation_leaves_the_batch_and_frees_kv(engine: Any) -> None:
     core = engine.core
     baseline = core.stats.kv_used_blocks
