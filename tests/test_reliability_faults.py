@@ -310,6 +310,24 @@ async def test_hostile_frames_on_a_live_worker(make_stack) -> None:
     finally:
         sink.close()
 
+    rss_after = scrape(sport)["e2e_engine_rss_bytes"]
+    record(
+        "hostile_frames",
+        title="Hostile frames and bodies on a live worker's TCP port",
+        order=75,
+        bounds=[
+            f"{len(hostile)} framing errors: connection closed, no ACK, RSS +< 64 MiB",
+            f"{len(bad)} malformed/bad bodies: typed `InvalidArgument`",
+            "worker serves on",
+        ],
+        summary=(
+            f"{len(hostile)} hostile frames closed (incl. a 4 GiB body prefix); RSS "
+            f"{rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB; {len(bad)} bad bodies -> "
+            "`InvalidArgument`; 2 undecodable bodies ACKed and dropped; worker "
+            f"{'running' if proc.running else 'DEAD'}"
+        ),
+        measured={"rss_mib": [rss_before / 2**20, rss_after / 2**20], "running": proc.running},
+    )
     assert proc.running
     async with aiohttp.ClientSession() as s:
         ok = await chat(s, stack.frontend.base_url, "tiny-hostile", "w1", max_tokens=4, stream=True)

@@ -330,12 +330,12 @@ async def test_frontend_retry_on_server_unavailable_ack(make_stack, migration: i
         root = Path(stack.frontend.file_kv)
         for bucket in ("instances", "mdc"):
             for f in (root / "v1" / bucket).iterdir():
-                record = json.loads(f.read_text())
-                if record.get("instance_id") != real_id:
+                entry = json.loads(f.read_text())
+                if entry.get("instance_id") != real_id:
                     continue
-                ns, comp, ep = record["namespace"], record["component"], record["endpoint"]
+                ns, comp, ep = entry["namespace"], entry["component"], entry["endpoint"]
                 key = rebind_key(f"v1/{bucket}/{ns}/{comp}/{ep}/{real_id:x}", real_id, fid)
-                copy = rebind_record(record, real_id, fid)
+                copy = rebind_record(entry, real_id, fid)
                 if bucket == "instances":
                     copy["transport"] = tcp_transport("127.0.0.1", fake.port, fid, ns, comp, ep)
                 await disc.put(key, copy)
@@ -355,10 +355,20 @@ async def test_frontend_retry_on_server_unavailable_ack(make_stack, migration: i
     assert refused, "the frontend never routed to the refusing instance"
     served = [r for r in results if r.ok and r.finish_reason == "length"]
     failed = [r for r in results if r not in served]
-    print(
-        f"retry (migration-limit {migration}): {len(refused)} of 20 requests refused by the "
-        f"fake instance, {len(served)} served, {len(failed)} failed "
-        f"{sorted({r.status for r in failed})}"
+    record(
+        f"retry_ack_migration_{migration}",
+        title=f"Frontend retry on a `Server unavailable` ACK, `--migration-limit {migration}`",
+        order=15 + migration,
+        bounds=[
+            "every refused request served elsewhere"
+            if migration
+            else "every refused request = HTTP 503 (no retry)"
+        ],
+        summary=(
+            f"{len(refused)} of 20 requests refused by a fake instance; {len(served)} served, "
+            f"{len(failed)} failed {sorted({r.status for r in failed})}"
+        ),
+        measured={"refused": len(refused), "served": len(served), "failed": len(failed)},
     )
     if migration:
         assert not failed, [(r.status, r.error) for r in failed]
