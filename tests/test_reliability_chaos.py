@@ -50,6 +50,10 @@ TOKENS = 30
 CLIENT_TIMEOUT_S = 30.0
 LEASE_TTL_S = 3
 RECOVERY_BOUND_S = LEASE_TTL_S + 2.0
+# After a request fails to reach an instance over NATS (nats-server down), the 1.6.1 frontend
+# answers "no backend worker available" (503) for ~4.4 s (measured) before it routes to that
+# instance again, whatever the worker does: the NATS restart gets that plus slack.
+NATS_RECOVERY_BOUND_S = 7.0
 STOP_S = LEASE_TTL_S + 2.0  # SIGSTOP longer than the lease TTL
 SETTLE_S = 2.0  # steady load between faults
 MODEL = "tiny-chaos"
@@ -72,6 +76,9 @@ class Fault:
     action_done: float = 0.0
     serving: float | None = None
     notes: list[str] = field(default_factory=list)
+    paused: tuple | None = None  # (worker, its instance id before SIGSTOP)
+    bound_s: float = RECOVERY_BOUND_S
+    alone: bool = True  # False for overlapping faults
 
 
 @dataclass
@@ -151,6 +158,10 @@ class Chaos:
         return worker
 
     @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
     def live(self) -> list[Worker]:
         return [w for w in self.workers if not w.killed]
 
@@ -190,15 +201,28 @@ class Chaos:
                 return False
         return True
 
+    async def probe(self, session: aiohttp.ClientSession) -> bool:
+        """One short request through the frontend succeeds."""
+        try:
+            r = await chat(
+                session, self.base_url, MODEL, "w1", max_tokens=2, stream=True, timeout=5
+            )
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+        return r.ok and r.finish_reason == "length"
+
     async def wait_serving(self, fault: Fault, limit: float) -> None:
-        """Poll until every live worker serves; sets ``fault.serving`` (None after ``limit``)."""
+        """Poll until every live worker serves (the frontend routes to its current instance
+        and its request counter moved) and a probe request succeeds; sets ``fault.serving``
+        (stays None after ``limit`` seconds)."""
         counts = {id(w): await asyncio.to_thread(self.requests_served, w) for w in self.live}
         deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if await asyncio.to_thread(self.all_serving, counts):
-                fault.serving = time.monotonic()
-                return
-            await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if await asyncio.to_thread(self.all_serving, counts) and await self.probe(session):
+                    fault.serving = time.monotonic()
+                    return
+                await asyncio.sleep(0.1)
 
     # -- faults ---------------------------------------------------------------------
     async def restart_etcd(self, fault: Fault) -> None:
@@ -225,9 +249,18 @@ class Chaos:
 
     async def pause_worker(self, fault: Fault) -> None:
         victim = self.live[-1]
+        before = current_instance(victim.proc)
         victim.proc.send_signal(signal.SIGSTOP)
         await asyncio.sleep(STOP_S)
         victim.proc.send_signal(signal.SIGCONT)
+        fault.paused = (victim, before)
+
+    def reregistered(self, fault: Fault) -> bool | None:
+        """For a pause: did the woken worker serve under a new instance id (lease lost)?"""
+        if fault.paused is None:
+            return None
+        victim, before = fault.paused
+        return current_instance(victim.proc) not in (None, before)
 
 
 SEQUENCE = [
@@ -269,7 +302,7 @@ async def test_chaos(tmp_path: Path, tiny_model: Path, frontend_python: str) -> 
             try:
                 r = await chat(
                     session,
-                    f"http://127.0.0.1:{chaos.http_port}",
+                    chaos.base_url,
                     MODEL,
                     "w1",
                     max_tokens=TOKENS,
@@ -284,8 +317,8 @@ async def test_chaos(tmp_path: Path, tiny_model: Path, frontend_python: str) -> 
             except aiohttp.ClientError as exc:
                 kind, detail = "disconnected", repr(exc)[:120]
             outcomes.append(Outcome(t0, time.monotonic(), kind, detail))
-            if kind in ("refused", "disconnected"):
-                await asyncio.sleep(0.1)  # the frontend is down: do not spin
+            if kind != "ok":
+                await asyncio.sleep(0.1)  # as a client would: no busy loop on errors
 
     try:
         await asyncio.to_thread(chaos.start)
@@ -296,6 +329,9 @@ async def test_chaos(tmp_path: Path, tiny_model: Path, frontend_python: str) -> 
                 await asyncio.sleep(SETTLE_S)
                 for name, actions in plan:
                     fault = Fault(name, time.monotonic())
+                    fault.alone = len(actions) == 1
+                    if "restart_nats" in actions:
+                        fault.bound_s = NATS_RECOVERY_BOUND_S
                     faults.append(fault)
                     await asyncio.gather(*(getattr(chaos, a)(fault) for a in actions))
                     fault.action_done = time.monotonic()
@@ -337,6 +373,9 @@ async def test_chaos(tmp_path: Path, tiny_model: Path, frontend_python: str) -> 
         key = f"{i + 1}. {f.name}"
         c = per_fault.get(key, Counter())
         recovery = None if f.serving is None else round(f.serving - f.action_done, 2)
+        nxt = faults[i + 1].start if i + 1 < len(faults) else float("inf")
+        bad_ends = [o.end for o in outcomes if o.kind != "ok" and f.start <= o.end < nxt]
+        last_error = round(max(bad_ends) - f.action_done, 2) if bad_ends else None
         rows.append(
             {
                 "fault": key,
@@ -344,6 +383,10 @@ async def test_chaos(tmp_path: Path, tiny_model: Path, frontend_python: str) -> 
                 "outcomes": dict(c),
                 "fault_s": round(f.action_done - f.start, 2),
                 "all_serving_after_s": recovery,
+                "last_error_after_s": last_error,
+                "bound_s": f.bound_s,
+                "alone": f.alone,
+                "reregistered_after_pause": chaos.reregistered(f),
                 "notes": f.notes,
                 "examples": examples.get(key, []),
             }
@@ -361,13 +404,16 @@ async def test_chaos(tmp_path: Path, tiny_model: Path, frontend_python: str) -> 
             "0 requests cut without `finish_reason` or error, 0 hung",
             "connection refused/closed only while the frontend restarts",
             f"all workers serve again <= {RECOVERY_BOUND_S:.0f} s (TTL + 2 s) after each fault's "
-            "recovery action",
+            f"recovery action; NATS restart <= {NATS_RECOVERY_BOUND_S:.0f} s (the frontend's "
+            "own hold-off)",
+            "a worker SIGSTOPped past its lease re-registers (new instance id) and serves",
             "every worker serving or exited with a logged reason",
         ],
         summary=(
             f"{sum(total.values())} requests in {duration:.0f} s: {dict(total)}; per fault "
             + "; ".join(
-                f"{r['fault']}: {r['outcomes']}, all serving {r['all_serving_after_s']} s after"
+                f"{r['fault']}: {r['outcomes']}, all serving {r['all_serving_after_s']} s after "
+                f"(last error {r['last_error_after_s']} s)"
                 for r in rows
             )
             + f"; workers at the end: {Counter(final_state)}"
@@ -387,7 +433,12 @@ async def test_chaos(tmp_path: Path, tiny_model: Path, frontend_python: str) -> 
         transport = r["outcomes"].get("refused", 0) + r["outcomes"].get("disconnected", 0)
         assert "frontend" in r["fault"] or not transport, r
         assert r["all_serving_after_s"] is not None, f"{r['fault']}: never all serving again"
-        assert r["all_serving_after_s"] <= RECOVERY_BOUND_S, r
+        assert r["all_serving_after_s"] <= r["bound_s"], r
+        # A worker that wakes after losing its lease serves again under a new instance id.
+        # (Overlapped with an etcd restart the lease may survive: etcd renews leases when
+        # it starts.)
+        if r["alone"]:
+            assert r["reregistered_after_pause"] in (None, True), r
     for state in final_state:
         assert state in ("serving", "SIGKILLed by the test") or ": None" not in state, final_state
     assert per_fault["(before the first fault)"]["ok"] > 0
