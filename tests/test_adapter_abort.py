@@ -67,7 +67,8 @@ async def test_response_stream_closed_by_the_frontend_is_a_cancellation(monkeypa
 
     The reader's own EOF handling (it reports a kill) is switched off to force that order."""
     from backend_common.transport.callhome import CallHome
-    from backend_common.transport.codec import ControlMessage, encode_two_part
+    from backend_common.transport.codec import MAX_MESSAGE_LEN, ControlMessage, encode_two_part
+    from backend_common.transport.plane import decode_incoming
 
     def peer_gone_silently(self: CallHome) -> None:
         self.peer_closed = True
@@ -88,7 +89,9 @@ async def test_response_stream_closed_by_the_frontend_is_a_cancellation(monkeypa
         body = encode_two_part(
             control.to_json(), b'{"token_ids": [1], "stop_conditions": {"max_tokens": 1000}}'
         )
-        await asyncio.wait_for(adapter.handle("1/dynamo/backend/generate", {}, body), 10)
+        incoming = decode_incoming("1/dynamo/backend/generate", {}, body, max_body=MAX_MESSAGE_LEN)
+        assert incoming is not None
+        await asyncio.wait_for(adapter.handle(incoming), 10)
     finally:
         server.close()
     await settle()
