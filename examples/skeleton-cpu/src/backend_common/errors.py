@@ -7,7 +7,7 @@ what the frontend does with it: ``InvalidArgument`` becomes HTTP 400 and leaves
 the worker in rotation; everything else becomes an error event in the stream.
 
 Plain Python exceptions are mapped by ``from_exception`` in the same order as
-Dynamo's Python bridge (contract section 6.3): DynamoError as is, HTTP-like
+Dynamo's Python bridge (docs/contract.md#errors): DynamoError as is, HTTP-like
 exceptions by status, then by exception type, else ``Unknown``.
 """
 
@@ -136,7 +136,7 @@ def _http_status(exc: BaseException) -> int | None:
 
 
 def from_exception(exc: BaseException) -> DynamoError:
-    """Classify any exception raised by engine code (contract section 6.3)."""
+    """Classify any exception raised by engine code (docs/contract.md#errors)."""
     if isinstance(exc, DynamoError):
         return exc
     status = _http_status(exc)

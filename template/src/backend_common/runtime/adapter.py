@@ -180,8 +180,8 @@ class EngineAdapter:
             loop = asyncio.get_running_loop()
             if self.mode is DisaggregationMode.DECODE and not entry.ctx.first_token_seen:
                 # A decode worker aborts only once its first token exists: an earlier abort
-                # could strand the prefill peer's KV transfer (contract 11.5). A stream that
-                # ends before its first token is never aborted.
+                # could strand the prefill peer's KV transfer (docs/contract.md#cancellation).
+                # A stream that ends before its first token is never aborted.
                 entry.abort_deferred = True
                 log.debug("deferring engine.abort() until first-token observed")
             else:

@@ -1,5 +1,6 @@
 """The wire layer: framing (``codec``), the TCP and NATS request planes (``tcp``, ``nats``) and
-the TCP call-home response stream (``callhome``) of Dynamo 1.6.x (wire.md §3, §4).
+the TCP call-home response stream (``callhome``) of Dynamo 1.6.x
+(docs/wire-protocol.md), and the ``RequestPlane`` interface over both planes (``plane``).
 
 Nothing here knows about engines or discovery; the worker wires these pieces together.
 ``nats`` imports nats-py only for type checking, so importing it costs nothing without NATS.

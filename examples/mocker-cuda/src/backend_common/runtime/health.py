@@ -1,4 +1,6 @@
-"""The health canary's payload: which request the worker sends itself (contract.md section 7.6).
+"""The health canary's payload: which request the worker sends itself.
+
+The canary's contract: docs/contract.md#health-canary.
 
 ``resolve_health_check_payload(override, engine)`` is called once by the worker after
 ``setup_metrics``. Precedence, as in Dynamo's workers:

@@ -1,4 +1,5 @@
-"""Framework metrics of a worker (contract.md section 9, wire.md section 6.3).
+"""Framework metrics of a worker (docs/wire-protocol.md#metrics,
+docs/contract.md#metrics).
 
 One ``WorkerMetrics`` per worker, built after ``engine.start()`` returns. It owns
 a ``prometheus_client.CollectorRegistry`` (``registry``), which is also handed to

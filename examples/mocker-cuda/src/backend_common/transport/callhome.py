@@ -1,4 +1,6 @@
-"""The response stream of one request: the TCP call-home to the frontend (wire.md §4).
+"""The response stream of one request: the TCP call-home to the frontend.
+
+The frames: docs/wire-protocol.md#response-stream-call-home.
 
 Lifecycle, driven by the worker's request handler (one ``CallHome`` per request):
 

@@ -1,4 +1,4 @@
-"""The worker's system status server (wire.md section 6.1), on aiohttp.
+"""The worker's system status server (docs/wire-protocol.md#status-server), on aiohttp.
 
 Started by the worker only when ``DYN_SYSTEM_PORT`` is set. Routes:
 
