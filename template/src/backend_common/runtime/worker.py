@@ -215,7 +215,7 @@ class Worker:
         return 1
 
     async def _setup_observability(self, load_time: float) -> None:
-        """The worker's metrics (with the engine's on the same registry) and the canary."""
+        """Metrics (the engine's on the same registry), KV routing hooks, the canary payload."""
         cfg, ec = self.config, self.engine_config
         assert ec is not None
         self.metrics = WorkerMetrics(
