@@ -238,6 +238,9 @@ def worker_config_from_args(args: argparse.Namespace, **overrides: Any) -> Worke
         tcp_port=int(_env("DYN_TCP_RPC_PORT", 0)),
         system_host=_env("DYN_SYSTEM_HOST", "127.0.0.1"),
         system_port=_system_port(system_port),
+        shutdown_grace_period_s=_env_seconds("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", 5.0),
+        shutdown_timeout_s=_env_seconds("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", 30.0),
+        shutdown_cleanup_timeout_s=_env_seconds("DYN_WORKER_SHUTDOWN_CLEANUP_TIMEOUT_SECS", None),
     )
     values.update(overrides)
     return WorkerConfig(**values)
@@ -254,3 +257,20 @@ def _system_port(raw: str | None) -> int | None:
     if port > 65535:
         raise invalid_arg(f"DYN_SYSTEM_PORT={port} is not a port number")
     return port if port >= 0 else None
+
+
+def _env_seconds(name: str, default: float | None) -> float | None:
+    """A duration from the environment: unset or empty -> ``default``; negative -> 0;
+    not a finite number -> a warning and ``default`` (as Dynamo's workers read them)."""
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        log.warning("%s=%r is not a number; using %s", name, raw, default)
+        return default
+    if value != value or value in (float("inf"), float("-inf")):
+        log.warning("%s=%r is not a finite number; using %s", name, raw, default)
+        return default
+    return max(value, 0.0)

@@ -101,6 +101,13 @@ class WorkerConfig:
     tcp_port: int = 0
     system_host: str = "127.0.0.1"
     system_port: int | None = None
+    # Shutdown budgets in seconds (None: read the env variable when the worker needs it).
+    # grace: DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS (5); in-flight drain:
+    # DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT (30); cleanup: DYN_WORKER_SHUTDOWN_CLEANUP_TIMEOUT_SECS
+    # (default: the drain timeout). Past their sum (+ fixed steps) the process exits with 124.
+    shutdown_grace_period_s: float | None = None
+    shutdown_timeout_s: float | None = None
+    shutdown_cleanup_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         self.disaggregation_mode = DisaggregationMode.parse(self.disaggregation_mode)
