@@ -16,7 +16,7 @@ import re
 
 import aiohttp
 import pytest
-from conftest import REPO, Stack
+from conftest import REPO, Stack, free_port
 from foreign_engine import CATEGORIES, ERROR_BASE
 
 from backend_common.devstack.openai import ChatResult, chat, completion
@@ -37,6 +37,7 @@ def events(proc, kind: str) -> list[str]:
 
 async def test_engine_with_vllm_and_sglang_flag_names_serves(make_stack) -> None:
     stack: Stack = make_stack("file", "tcp")
+    port = free_port()
     proc = stack.start_worker(
         "foreign-internal",
         "--served-model-name",
@@ -52,6 +53,7 @@ async def test_engine_with_vllm_and_sglang_flag_names_serves(make_stack) -> None
         "31000",
         "--disable-kv-routing",
         module=MODULE,
+        system_port=port,
     )
     stack.frontend.wait_for_model("foreign-public", timeout=60, watch=[proc])
     (config,) = events(proc, "config")
@@ -64,6 +66,17 @@ async def test_engine_with_vllm_and_sglang_flag_names_serves(make_stack) -> None
         )
     assert result.status == 200, result.error
     assert result.text.split() == ["w1", "w2", "w3", "w4"]
+    # The engine's counter lives in the global prometheus_client.REGISTRY; the worker's
+    # /metrics serves it once, with Dynamo's labels.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    lines = [ln for ln in text.splitlines() if ln.startswith("foreign_engine_generate_total{")]
+    assert len(lines) == 1, text
+    assert 'dynamo_namespace="dynamo"' in lines[0] and 'model_name="foreign-public"' in lines[0]
+    assert re.search(r'worker_id="[0-9a-f]+"', lines[0]) and lines[0].endswith(" 1.0")
 
 
 def _cell(result: ChatResult, *, stream: bool) -> str:

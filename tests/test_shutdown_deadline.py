@@ -37,6 +37,7 @@ def start_worker(tmp_path: Path, *args: str) -> ManagedProcess:
     env["DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS"] = str(GRACE_S)
     env["DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT"] = str(DRAIN_S)
     env["DYN_WORKER_SHUTDOWN_CLEANUP_TIMEOUT_SECS"] = str(CLEANUP_S)
+    env["DYN_SYSTEM_PORT"] = "-1"  # 1.6.1's "no status server"
     argv = [sys.executable, "-m", "tests.foreign_engine", "--model-name", "sd", *args]
     proc = ManagedProcess(argv, env=hermetic_env(env), log_path=tmp_path / "worker.log", cwd=REPO)
     proc.start()

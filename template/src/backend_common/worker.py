@@ -75,6 +75,7 @@ from .discovery.base import (
     tcp_transport,
 )
 from .engine import LLMEngine
+from .engine_metrics import scrape_registry
 from .errors import from_exception
 from .health import resolve_health_check_payload
 from .kv_events import EventPlane, setup_kv_routing
@@ -349,6 +350,8 @@ class Worker:
             endpoint=cfg.endpoint,
             model=ec.model,
             model_name=self._public_name(),
+            worker_id=self.instance_id,
+            extra_labels=cfg.metrics_labels,
         )
         self.metrics.set_model_load_time(load_time)
         await self.engine.setup_metrics(self.metrics.registry)
@@ -387,7 +390,11 @@ class Worker:
             self._status = StatusServer(
                 cfg.system_host,
                 cfg.system_port,
-                registry=self.metrics.registry if self.metrics else None,
+                registry=(
+                    scrape_registry(self.metrics.registry, self.metrics.labels)
+                    if self.metrics
+                    else None
+                ),
                 health=self._health,
             )
             await self._status.start()
