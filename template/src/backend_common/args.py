@@ -52,10 +52,10 @@ def parse_health_check_payload(value: str | None) -> dict[str, Any] | None:
             text = Path(text[1:]).read_text(encoding="utf-8")
         payload = json.loads(text)
     except (OSError, ValueError) as exc:
-        log.warning("health check payload: parse failed (%s); canary disabled", exc)
+        log.warning("health check payload: parse failed (%s); ignored", exc)
         return None
     if not isinstance(payload, dict):
-        log.warning("health check payload: value must be a JSON object; canary disabled")
+        log.warning("health check payload: value must be a JSON object; ignored")
         return None
     payload["_HEALTH_CHECK"] = True
     return payload
@@ -241,6 +241,9 @@ def worker_config_from_args(args: argparse.Namespace, **overrides: Any) -> Worke
         shutdown_grace_period_s=_env_seconds("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", 5.0),
         shutdown_timeout_s=_env_seconds("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", 30.0),
         shutdown_cleanup_timeout_s=_env_seconds("DYN_WORKER_SHUTDOWN_CLEANUP_TIMEOUT_SECS", None),
+        health_check_enabled=_env_bool("DYN_HEALTH_CHECK_ENABLED", False),
+        canary_wait_s=_env_seconds("DYN_CANARY_WAIT_TIME", 10.0),
+        health_check_timeout_s=_env_seconds("DYN_HEALTH_CHECK_REQUEST_TIMEOUT", 3.0),
     )
     values.update(overrides)
     return WorkerConfig(**values)

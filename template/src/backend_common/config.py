@@ -108,6 +108,11 @@ class WorkerConfig:
     shutdown_grace_period_s: float | None = None
     shutdown_timeout_s: float | None = None
     shutdown_cleanup_timeout_s: float | None = None
+    # Health canary (canary.py): DYN_HEALTH_CHECK_ENABLED runs it by itself on a worker idle
+    # for DYN_CANARY_WAIT_TIME s; each canary is bounded by DYN_HEALTH_CHECK_REQUEST_TIMEOUT s.
+    health_check_enabled: bool = False
+    canary_wait_s: float = 10.0
+    health_check_timeout_s: float = 3.0
 
     def __post_init__(self) -> None:
         self.disaggregation_mode = DisaggregationMode.parse(self.disaggregation_mode)

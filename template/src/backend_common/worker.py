@@ -62,6 +62,7 @@ import time
 from typing import Any
 
 from .adapter import EngineAdapter
+from .canary import IdleCanary
 from .config import EngineConfig, WorkerConfig
 from .discovery import create_discovery
 from .discovery.base import (
@@ -195,6 +196,7 @@ class Worker:
         # What shutdown is waiting for right now (logged if the deadline passes).
         self._stage = "startup"
         self._deadline_timer: threading.Timer | None = None
+        self._idle_canary: IdleCanary | None = None
 
     # -- public --------------------------------------------------------------------
     def request_shutdown(self) -> None:
@@ -214,6 +216,8 @@ class Worker:
         try:
             return await self._run()
         finally:
+            if self._idle_canary is not None:
+                await self._idle_canary.close()
             await self._cleanup_once()
             self._stage = "closing transports"
             await self._close_transports()
@@ -321,6 +325,14 @@ class Worker:
             cfg.endpoint,
             self.instance_id,
         )
+        if cfg.health_check_enabled and self._health_payload is not None:
+            self._idle_canary = IdleCanary(
+                self._run_canary,
+                lambda: self._last_admit,
+                wait_s=cfg.canary_wait_s,
+                timeout_s=cfg.health_check_timeout_s,
+            )
+            self._idle_canary.start()
         self._stage = "a shutdown signal"
         await self._shutdown.wait()
         await self._graceful_shutdown()
@@ -487,10 +499,18 @@ class Worker:
             return False, {"status": "notready", "state": self.state.value}
         if self._health_payload is None:
             return True, {"status": "healthy", "canary": "disabled"}
-        ok, detail = await self._run_canary()
+        if self._idle_canary is not None:
+            # The canary runs by itself on an idle worker; report its latest result.
+            last = self._idle_canary.last
+            if last is None:
+                return True, {"status": "healthy", "canary": "not run yet"}
+            age = time.monotonic() - last.at
+            body = {"canary": last.detail, "canary_age_s": round(age, 3)}
+            return last.ok, {"status": "healthy" if last.ok else "unhealthy", **body}
+        ok, detail = await self._run_canary(self.config.health_check_timeout_s)
         return ok, {"status": "healthy" if ok else "unhealthy", "canary": detail}
 
-    async def _run_canary(self) -> tuple[bool, str]:
+    async def _run_canary(self, timeout: float) -> tuple[bool, str]:  # noqa: ASYNC109
         from .context import GenerateContext
 
         try:
@@ -512,10 +532,10 @@ class Worker:
                 await stream.aclose()
 
         try:
-            return await asyncio.wait_for(one(), 10.0)
+            return await asyncio.wait_for(one(), timeout)
         except TimeoutError:
             ctx.stop_generating()
-            return False, "timed out after 10s"
+            return False, f"timed out after {timeout:g}s"
         except Exception as exc:  # noqa: BLE001
             return False, str(from_exception(exc))
 
@@ -547,6 +567,8 @@ class Worker:
         )
         assert self._discovery is not None
         self._draining = True
+        if self._idle_canary is not None:
+            await self._idle_canary.close()
         self._stage = "discovery withdrawal"
         await self._withdraw(self._discovery, models_only=True)
         log.info("Model withdrawn from discovery; serving requests that raced it for %.2fs", grace)
