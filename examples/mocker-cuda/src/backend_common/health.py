@@ -10,10 +10,12 @@
 3. ``await engine.health_check_payload()``.
 
 The first one that is set wins (an operator payload fully replaces the engine's, even
-``{}``). Whatever wins must be a JSON object, else the canary is disabled with a
-warning; it is stamped ``_HEALTH_CHECK: true`` (overriding a ``false``), which makes
-``request.is_probe`` true in ``generate``. ``None`` means no canary: ``/health`` then
-reports healthy while the worker serves.
+``{}``). An operator payload that is not a JSON object (or does not parse) is ignored with
+a warning and the engine's payload is used; an engine payload that is not a JSON object
+disables the canary with a warning. The winner is stamped ``_HEALTH_CHECK: true``
+(overriding a ``false``), which makes ``request.is_probe`` true in ``generate``. ``None``
+means no canary: ``/health`` then reports healthy while the worker serves. When the canary
+runs, and what ``/health`` reports, is the worker's (``canary.py``).
 
 ``build_health_check_payload(bos_token_id)`` is the usual engine-side payload: one token,
 greedy, ``max_tokens=1``, ``ignore_eos``.
@@ -72,10 +74,18 @@ async def resolve_health_check_payload(
 ) -> dict[str, Any] | None:
     """The canary payload by precedence override > env > engine (see the module docstring)."""
     if override is not None:
-        return stamp_canary_marker(override)
-    if os.environ.get(HEALTH_CHECK_ENV, "").strip():
+        if isinstance(override, dict):
+            return stamp_canary_marker(override)
+        log.warning(
+            "health_check_payload override is not a JSON object; "
+            "using the engine's health_check_payload()"
+        )
+    elif os.environ.get(HEALTH_CHECK_ENV, "").strip():
         # parse_health_check_payload warns and returns None for invalid values.
-        return stamp_canary_marker(parse_health_check_payload(os.environ[HEALTH_CHECK_ENV]))
+        parsed = parse_health_check_payload(os.environ[HEALTH_CHECK_ENV])
+        if parsed is not None:
+            return stamp_canary_marker(parsed)
+        log.warning("%s is invalid; using the engine's health_check_payload()", HEALTH_CHECK_ENV)
     try:
         payload = await engine.health_check_payload()
     except Exception:  # noqa: BLE001 - a broken hook disables the canary, not the worker

@@ -8,7 +8,8 @@
 Order: logging from ``DYN_LOG`` -> ``EngineCls.from_args(argv)`` (sync or
 async; or ``engine_factory``) -> ``Worker(engine, config).run()`` on uvloop
 when installed -> ``sys.exit`` with the worker's exit code (0 after a graceful
-shutdown, 1 when start-up failed, 2 for bad arguments). Errors are printed as
+shutdown, 1 when start-up failed, 2 for bad arguments, 124 when shutdown passed its
+overall deadline). Errors are printed as
 typed errors on stderr. This is the only module that imports the worker.
 """
 

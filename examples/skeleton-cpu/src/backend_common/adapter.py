@@ -44,6 +44,7 @@ from .errors import (
     invalid_arg,
     response_timeout,
     stream_incomplete,
+    unknown,
 )
 from .metrics import WorkerMetrics
 from .request_policy import check_request
@@ -320,7 +321,8 @@ class EngineAdapter:
                 except WireError as exc:
                     # An item the codec cannot encode is the engine's bug, not the client's.
                     log.error("request %s: cannot encode engine item: %s", ctx.id(), exc)
-                    home.send_error_item(f"engine produced an unencodable item: {exc}")
+                    err = unknown(f"engine produced an unencodable item: {exc}")
+                    home.send_error_item(err.message, err.to_wire())
                     terminal = True
                     break
                 if count == 0:
@@ -340,7 +342,7 @@ class EngineAdapter:
             if not prologue_sent:
                 home.send_prologue()
                 prologue_sent = True
-            home.send_error_item(str(exc))
+            home.send_error_item(str(exc), unknown(str(exc)).to_wire())
             terminal = True
         except Exception as exc:  # noqa: BLE001 - engine errors become typed errors
             err = from_exception(exc)
@@ -352,7 +354,7 @@ class EngineAdapter:
                     return
                 home.send_prologue()
                 prologue_sent = True
-            home.send_error_item(err.message)
+            home.send_error_item(err.message, err.to_wire())
             terminal = True
         finally:
             if stream is not None:
@@ -368,7 +370,7 @@ class EngineAdapter:
             home.send_prologue()
         if not terminal:
             err = stream_incomplete("engine stream ended without a terminal item")
-            home.send_error_item(err.message)
+            home.send_error_item(err.message, err.to_wire())
         await home.finish()
 
 

@@ -101,6 +101,18 @@ class WorkerConfig:
     tcp_port: int = 0
     system_host: str = "127.0.0.1"
     system_port: int | None = None
+    # Shutdown budgets in seconds (None: read the env variable when the worker needs it).
+    # grace: DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS (5); in-flight drain:
+    # DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT (30); cleanup: DYN_WORKER_SHUTDOWN_CLEANUP_TIMEOUT_SECS
+    # (default: the drain timeout). Past their sum (+ fixed steps) the process exits with 124.
+    shutdown_grace_period_s: float | None = None
+    shutdown_timeout_s: float | None = None
+    shutdown_cleanup_timeout_s: float | None = None
+    # Health canary (canary.py): DYN_HEALTH_CHECK_ENABLED runs it by itself on a worker idle
+    # for DYN_CANARY_WAIT_TIME s; each canary is bounded by DYN_HEALTH_CHECK_REQUEST_TIMEOUT s.
+    health_check_enabled: bool = False
+    canary_wait_s: float = 10.0
+    health_check_timeout_s: float = 3.0
 
     def __post_init__(self) -> None:
         self.disaggregation_mode = DisaggregationMode.parse(self.disaggregation_mode)
