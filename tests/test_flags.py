@@ -229,3 +229,36 @@ def test_conflicts_between_engine_flags_stay_argparse_errors() -> None:
     parser.add_argument("--engine-flag")
     with pytest.raises(argparse.ArgumentError):
         parser.add_argument("--engine-flag")
+
+
+def test_run_reports_an_unresolvable_conflict_in_one_line() -> None:
+    """Through ``run()``: exit code 2 and one ``error:`` line naming both definitions."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import RUNTIME_SRC
+
+    code = (
+        "import argparse\n"
+        "from backend_common import run\n"
+        "from backend_common.args import add_common_args, worker_config_from_args\n"
+        "from backend_common.reference import ReferenceEngine\n"
+        "class Engine(ReferenceEngine):\n"
+        "    @classmethod\n"
+        "    def from_args(cls, argv=None):\n"
+        "        parser = argparse.ArgumentParser()\n"
+        "        add_common_args(parser)\n"
+        "        parser.add_argument('--endpoint', action='store_true')\n"
+        "        return cls(), worker_config_from_args(parser.parse_args(argv))\n"
+        "run(Engine, [])\n"
+    )
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(RUNTIME_SRC)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out.stderr
+    assert "the engine defines --endpoint (takes no value" in errors[0]
+    assert "the Dynamo worker defines --endpoint (takes a value" in errors[0]
