@@ -12,8 +12,12 @@ Invariants:
 
 * The prologue waits for the engine's first item, so an ``InvalidArgument``
   raised before any output becomes a typed error prologue (HTTP 400 at the
-  frontend, worker stays in rotation). Any other failure is an error item in
-  the stream (an untyped prologue would make the frontend sideline the worker).
+  frontend, worker stays in rotation). Any other failure, and any failure after
+  the first item, is an error item in the stream carrying the serialized
+  ``DynamoError`` (``DynamoError.to_wire``): the frontend takes from it the HTTP
+  status / SSE error code, whether to retry on another worker and whether to take
+  this one out of rotation (docs/errors.md). An untyped prologue would sideline
+  the worker.
 * Exactly one terminal reaches the frontend; items after it are dropped and the
   engine's generator is closed. A stream that ends without a terminal gets a
   ``StreamIncomplete`` error item.
