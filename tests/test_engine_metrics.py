@@ -1,5 +1,5 @@
 """An engine's global-registry and multiprocess metrics on the worker's /metrics, once each,
-with Dynamo's labels (``backend_common.engine_metrics``)."""
+with Dynamo's labels (``backend_common.runtime.engine_metrics``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backend_common.engine_metrics import scrape_registry
-from backend_common.metrics import WorkerMetrics
+from backend_common.runtime.engine_metrics import scrape_registry
+from backend_common.runtime.metrics import WorkerMetrics
 
 
 def families(registry: CollectorRegistry) -> dict[str, list]:

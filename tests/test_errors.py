@@ -245,9 +245,9 @@ async def test_an_error_raised_mid_stream_is_a_typed_error_item() -> None:
 
     from adapter_harness import run_request
 
-    from backend_common.adapter import EngineAdapter
     from backend_common.errors import engine_shutdown
     from backend_common.reference import ReferenceEngine
+    from backend_common.runtime.adapter import EngineAdapter
 
     class Failing(ReferenceEngine):
         async def generate(self, request, ctx):

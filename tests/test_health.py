@@ -21,11 +21,11 @@ from inproc_worker import file_config, running_worker
 from backend_common import GenerateContext, LLMEngineOutput, PreprocessedRequest
 from backend_common.args import add_common_args, worker_config_from_args
 from backend_common.errors import unknown
-from backend_common.health import (
+from backend_common.reference import ReferenceEngine
+from backend_common.runtime.health import (
     build_health_check_payload,
     resolve_health_check_payload,
 )
-from backend_common.reference import ReferenceEngine
 
 ENGINE_PAYLOAD = {"token_ids": [3], "stop_conditions": {"max_tokens": 1}}
 
@@ -167,7 +167,7 @@ async def test_no_canary_means_healthy_while_serving(monkeypatch, tmp_path, payl
 async def test_idle_canary_runs_only_while_no_request_arrives() -> None:
     import time
 
-    from backend_common.canary import IdleCanary
+    from backend_common.runtime.canary import IdleCanary
 
     probes: list[float] = []
     activity = [0.0]

@@ -29,7 +29,7 @@ try:
 except ZeroDivisionError:
     logging.getLogger("a.b").exception("failed")
 """
-OURS = "from backend_common.log import configure_logging; configure_logging()"
+OURS = "from backend_common.runtime.log import configure_logging; configure_logging()"
 DYNAMO = "from dynamo.runtime.logging import configure_dynamo_logging; configure_dynamo_logging()"
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 

@@ -23,7 +23,11 @@ from backend_common.config import WorkerConfig
 from backend_common.devstack.frontend import hermetic_env, worker_env
 from backend_common.devstack.services import ManagedProcess
 from backend_common.reference import ReferenceEngine
-from backend_common.worker import FIXED_SHUTDOWN_STEPS_S, SHUTDOWN_DEADLINE_EXIT_CODE, Worker
+from backend_common.runtime.worker import (
+    FIXED_SHUTDOWN_STEPS_S,
+    SHUTDOWN_DEADLINE_EXIT_CODE,
+    Worker,
+)
 
 GRACE_S, DRAIN_S, CLEANUP_S = 0.2, 1.0, 1.0
 DEADLINE_S = GRACE_S + DRAIN_S + CLEANUP_S + FIXED_SHUTDOWN_STEPS_S
