@@ -67,9 +67,7 @@ def test_worker_series_carry_worker_id_and_metrics_labels() -> None:
     assert sample.labels["worker_id"] == "ff" and sample.labels["team"] == "infra"
 
 
-def test_multiprocess_directory_is_served_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_multiprocess_directory_is_served_once(tmp_path: Path) -> None:
     # Another process of the engine (an SGLang scheduler, say) writes its metrics to the
     # directory; a metric of the same name also lives in this process's registry.
     code = (
@@ -78,24 +76,41 @@ def test_multiprocess_directory_is_served_once(
     )
     env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     engine_registry = CollectorRegistry()
     Counter("sglang_prompt_tokens", "in-process copy", registry=engine_registry).inc(1)
 
     own = worker_metrics()
-    fams = families(scrape_registry(own.registry, own.labels, global_registry=engine_registry))
+    combined = scrape_registry(
+        own.registry, own.labels, multiproc_dir=str(tmp_path), global_registry=engine_registry
+    )
+    fams = families(combined)
     totals = [s for s in fams["sglang_prompt_tokens"] if s.name == "sglang_prompt_tokens_total"]
     assert len(totals) == 1  # the directory's aggregate, not doubled by the in-process copy
     assert totals[0].value == 5 and totals[0].labels["worker_id"] == "ab12"
 
 
 def test_missing_multiprocess_directory_falls_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "absent"))
     engine_registry = CollectorRegistry()
     Counter("engine_steps", "steps", registry=engine_registry).inc(2)
     own = worker_metrics()
-    fams = families(scrape_registry(own.registry, own.labels, global_registry=engine_registry))
+    missing = str(tmp_path / "absent")
+    combined = scrape_registry(
+        own.registry, own.labels, multiproc_dir=missing, global_registry=engine_registry
+    )
+    fams = families(combined)
     assert fams["engine_steps"][0].value == 2
     assert "is not a directory" in caplog.text
+
+
+def test_the_worker_reads_the_directory_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    from backend_common.args import add_common_args, worker_config_from_args
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    config = worker_config_from_args(add_common_args(argparse.ArgumentParser()).parse_args([]))
+    assert config.prometheus_multiproc_dir == str(tmp_path)

@@ -113,6 +113,8 @@ class WorkerConfig:
     health_check_enabled: bool = False
     canary_wait_s: float = 10.0
     health_check_timeout_s: float = 3.0
+    # PROMETHEUS_MULTIPROC_DIR: an engine's multiprocess metrics, served on /metrics.
+    prometheus_multiproc_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.disaggregation_mode = DisaggregationMode.parse(self.disaggregation_mode)

@@ -244,6 +244,7 @@ def worker_config_from_args(args: argparse.Namespace, **overrides: Any) -> Worke
         health_check_enabled=_env_bool("DYN_HEALTH_CHECK_ENABLED", False),
         canary_wait_s=_env_seconds("DYN_CANARY_WAIT_TIME", 10.0),
         health_check_timeout_s=_env_seconds("DYN_HEALTH_CHECK_REQUEST_TIMEOUT", 3.0),
+        prometheus_multiproc_dir=_env("PROMETHEUS_MULTIPROC_DIR"),
     )
     values.update(overrides)
     return WorkerConfig(**values)

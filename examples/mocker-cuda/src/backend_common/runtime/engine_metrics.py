@@ -64,8 +64,7 @@ class EngineMetricsCollector(Collector):
         return out
 
 
-def _multiprocess_registry() -> CollectorRegistry | None:
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+def _multiprocess_registry(path: str | None) -> CollectorRegistry | None:
     if not path:
         return None
     if not os.path.isdir(path):
@@ -85,10 +84,14 @@ def scrape_registry(
     own: CollectorRegistry,
     labels: Mapping[str, str],
     *,
+    multiproc_dir: str | None = None,
     global_registry: CollectorRegistry = REGISTRY,
 ) -> CollectorRegistry:
-    """The registry ``/metrics`` renders: ``own`` plus the engine's sources (see module)."""
-    sources = [r for r in (_multiprocess_registry(), global_registry) if r is not None]
+    """The registry ``/metrics`` renders: ``own`` plus the engine's sources (see module).
+
+    ``multiproc_dir`` is ``PROMETHEUS_MULTIPROC_DIR`` (``WorkerConfig.prometheus_multiproc_dir``).
+    """
+    sources = [r for r in (_multiprocess_registry(multiproc_dir), global_registry) if r]
     combined = CollectorRegistry(auto_describe=False)
     combined.register(_Passthrough(own))
     combined.register(EngineMetricsCollector(own, sources, labels))

@@ -412,7 +412,11 @@ class Worker:
                 cfg.system_host,
                 cfg.system_port,
                 registry=(
-                    scrape_registry(self.metrics.registry, self.metrics.labels)
+                    scrape_registry(
+                        self.metrics.registry,
+                        self.metrics.labels,
+                        multiproc_dir=cfg.prometheus_multiproc_dir,
+                    )
                     if self.metrics
                     else None
                 ),
