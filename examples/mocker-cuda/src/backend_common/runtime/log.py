@@ -67,8 +67,11 @@ def _jsonl() -> bool:
     return os.environ.get("DYN_LOGGING_JSONL", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def configure_logging(spec: str | None = None) -> None:
+def configure_logging(spec: str | None = None, *, jsonl: bool | None = None) -> None:
+    """``spec``: a ``DYN_LOG`` filter (None: the variable); ``jsonl``: JSON lines (None:
+    ``DYN_LOGGING_JSONL``)."""
     spec = spec if spec is not None else os.environ.get("DYN_LOG", "info")
+    jsonl = _jsonl() if jsonl is None else jsonl
     root_level = logging.INFO
     targets: dict[str, int] = {}
     for part in (p.strip() for p in spec.split(",")):
@@ -84,7 +87,7 @@ def configure_logging(spec: str | None = None) -> None:
             if lvl is not None:
                 root_level = lvl
     handler = logging.StreamHandler(sys.stderr)
-    if _jsonl():
+    if jsonl:
         handler.setFormatter(JsonlFormatter())
     else:
         handler.setFormatter(
