@@ -1,10 +1,10 @@
 """The health canary: payload precedence, the ``_HEALTH_CHECK`` marker, and ``/health``.
 
 Precedence (Dynamo's): the operator override (``--health-check-payload``, whose default is
-``DYN_HEALTH_CHECK_PAYLOAD``) > ``DYN_HEALTH_CHECK_PAYLOAD`` for configs built in code >
-``engine.health_check_payload()``; the winner is stamped ``_HEALTH_CHECK: true``. A worker
-whose engine fails the canary reports 503 on its status server's ``/health``, and 200 again
-once the canary passes.
+``DYN_HEALTH_CHECK_PAYLOAD``, both read by ``args.py``) > ``engine.health_check_payload()``;
+the winner is stamped ``_HEALTH_CHECK: true``; an invalid operator payload disables the
+canary. A worker whose engine fails the canary reports 503 on its status server's
+``/health``, and 200 again once the canary passes.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ async def test_engine_payload_is_used_and_stamped(monkeypatch) -> None:
 
 async def test_env_beats_engine_and_override_beats_env(monkeypatch) -> None:
     monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", '{"token_ids": [9], "_HEALTH_CHECK": false}')
-    from_env = await resolve_health_check_payload(None, CanaryEngine())
+    config = worker_config_from_args(add_common_args(argparse.ArgumentParser()).parse_args([]))
+    from_env = await resolve_health_check_payload(config.health_check_payload, CanaryEngine())
     assert from_env == {"token_ids": [9], "_HEALTH_CHECK": True}  # marker forced on
     override = await resolve_health_check_payload({"token_ids": [4]}, CanaryEngine())
     assert override == {"token_ids": [4], "_HEALTH_CHECK": True}
@@ -82,21 +83,27 @@ async def test_flag_beats_env_through_the_cli(monkeypatch, tmp_path) -> None:
     assert flagged.health_check_payload == {"token_ids": [5], "_HEALTH_CHECK": True}
 
 
-async def test_invalid_operator_payload_falls_back_to_the_engine(monkeypatch, caplog) -> None:
-    monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", "[1, 2]")
+async def test_invalid_operator_payload_falls_back_to_the_engine(
+    monkeypatch, tmp_path, caplog
+) -> None:
     engine_payload = {**ENGINE_PAYLOAD, "_HEALTH_CHECK": True}
-    assert await resolve_health_check_payload(None, CanaryEngine()) == engine_payload
-    assert "using the engine's health_check_payload()" in caplog.text
-    monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", "{not json")
-    assert await resolve_health_check_payload(None, CanaryEngine()) == engine_payload
+    for raw in ("[1, 2]", "{not json"):
+        monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", raw)
+        config = worker_config_from_args(add_common_args(argparse.ArgumentParser()).parse_args([]))
+        assert config.health_check_payload is None  # dropped by args.py, with a warning
+    assert "health check payload" in caplog.text
     monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD")
+    # The worker then uses the engine's payload.
+    engine = CanaryEngine()
+    async with running_worker(engine, file_config(tmp_path, health_check_payload=None)) as (
+        worker,
+        _base,
+    ):
+        assert worker._health_payload == engine_payload
+    # An override built in code that is not an object: a warning, then the engine's payload.
     override = ["not", "an", "object"]
     assert await resolve_health_check_payload(override, CanaryEngine()) == engine_payload  # type: ignore[arg-type]
-    # Through the CLI: an invalid flag value is ignored, the engine's payload is used.
-    parser = add_common_args(argparse.ArgumentParser())
-    config = worker_config_from_args(parser.parse_args(["--health-check-payload", "[3]"]))
-    assert config.health_check_payload is None
-    assert await resolve_health_check_payload(None, CanaryEngine()) == engine_payload
+    assert "using the engine's health_check_payload()" in caplog.text
 
 
 async def test_invalid_engine_payload_disables_the_canary(monkeypatch) -> None:
@@ -120,7 +127,6 @@ async def get_health(base: str) -> tuple[int, dict[str, Any]]:
 
 
 async def test_health_reports_unhealthy_while_the_canary_fails(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
     monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD", raising=False)
     engine = CanaryEngine()
     async with running_worker(engine, file_config(tmp_path)) as (_worker, base):
@@ -143,7 +149,6 @@ async def test_health_reports_unhealthy_while_the_canary_fails(monkeypatch, tmp_
 
 
 async def test_override_payload_reaches_the_engine(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
     engine = CanaryEngine()
     config = file_config(tmp_path, health_check_payload={"token_ids": [8, 9]})
     async with running_worker(engine, config) as (_worker, base):
@@ -154,7 +159,6 @@ async def test_override_payload_reaches_the_engine(monkeypatch, tmp_path) -> Non
 
 @pytest.mark.parametrize("payload", [None])
 async def test_no_canary_means_healthy_while_serving(monkeypatch, tmp_path, payload) -> None:
-    monkeypatch.setenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
     monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD", raising=False)
     engine = CanaryEngine(payload=payload)
     async with running_worker(engine, file_config(tmp_path)) as (_worker, base):
@@ -197,7 +201,7 @@ async def test_enabled_canary_runs_by_itself_and_health_reports_it(monkeypatch, 
     monkeypatch.setenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
     monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD", raising=False)
     engine = CanaryEngine()
-    config = file_config(tmp_path, health_check_enabled=True, canary_wait_s=0.2)
+    config = file_config(tmp_path, health_check_enabled=True, canary_wait_time=0.2)
     async with running_worker(engine, config) as (_worker, base):
         await asyncio.sleep(0.8)
         ran = len(engine.probes)

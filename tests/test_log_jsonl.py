@@ -29,7 +29,13 @@ try:
 except ZeroDivisionError:
     logging.getLogger("a.b").exception("failed")
 """
-OURS = "from backend_common.runtime.log import configure_logging; configure_logging()"
+# As run() configures it: the settings read from the environment by args.py.
+# (One line, like DYNAMO's, so that both scripts log from the same line numbers.)
+OURS = (
+    "from backend_common.args import log_filter_from_env, logging_jsonl_from_env; "
+    "from backend_common.runtime.log import configure_logging; "
+    "configure_logging(log_filter_from_env(), jsonl=logging_jsonl_from_env())"
+)
 DYNAMO = "from dynamo.runtime.logging import configure_dynamo_logging; configure_dynamo_logging()"
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import REPO, RUNTIME_SRC, wait_until
 
 from backend_common.config import WorkerConfig
@@ -58,15 +57,14 @@ def records(tmp_path: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
 
 
-def test_deadline_is_grace_plus_drain_plus_cleanup(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DYN_WORKER_SHUTDOWN_CLEANUP_TIMEOUT_SECS", raising=False)
-    monkeypatch.delenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", raising=False)
-    monkeypatch.delenv("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", raising=False)
+def test_deadline_is_grace_plus_drain_plus_cleanup() -> None:
     defaults = Worker(ReferenceEngine(), WorkerConfig())
     # 1.6.1's defaults: grace 5 s, drain 30 s; cleanup gets the drain timeout.
     assert defaults.shutdown_deadline() == 5.0 + 30.0 + 30.0 + FIXED_SHUTDOWN_STEPS_S
     custom = WorkerConfig(
-        shutdown_grace_period_s=1, shutdown_timeout_s=2, shutdown_cleanup_timeout_s=3
+        graceful_shutdown_grace_period=1,
+        graceful_shutdown_timeout=2,
+        graceful_shutdown_cleanup_timeout=3,
     )
     assert Worker(ReferenceEngine(), custom).shutdown_deadline() == 6 + FIXED_SHUTDOWN_STEPS_S
 

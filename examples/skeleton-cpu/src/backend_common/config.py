@@ -1,10 +1,15 @@
 """What an engine tells the worker (``EngineConfig``) and how it is set up (``WorkerConfig``).
 
 ``from_args`` returns a ``WorkerConfig`` built from the shared CLI flags and
-environment variables (``args.py``); ``start()`` returns an ``EngineConfig``
-with the facts only a running engine knows (context length, KV block size,
-capacity). Every ``EngineConfig`` field but ``model`` is optional: ``None``
-means "not advertised".
+environment variables (``args.py``, the only place the environment is read);
+``start()`` returns an ``EngineConfig`` with the facts only a running engine
+knows (context length, KV block size, capacity). Every ``EngineConfig`` field
+but ``model`` is optional: ``None`` means "not advertised".
+
+``WorkerConfig`` holds every setting of the worker, transports and discovery
+included; a ``WorkerConfig`` built in code gets the documented defaults, never
+values from the environment. The reference of every flag and variable:
+``python -m backend_common.args --markdown``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,17 @@ from typing import Any
 
 from .errors import invalid_arg
 
-__all__ = ["DisaggregationMode", "EngineConfig", "WorkerConfig"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DisaggregationMode",
+    "EngineConfig",
+    "EtcdOptions",
+    "NatsOptions",
+    "WorkerConfig",
+]
+
+DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
+"""Longest request body the request plane accepts (Dynamo's ``DYN_TCP_MAX_MESSAGE_SIZE``)."""
 
 
 class DisaggregationMode(StrEnum):
@@ -66,6 +81,33 @@ class EngineConfig:
 
 
 @dataclass
+class NatsOptions:
+    """How the worker authenticates to NATS (request plane and event plane).
+
+    Credentials may also travel in ``WorkerConfig.nats_server`` URLs
+    (``nats://user:password@host:port``). Any TLS field, or a ``tls://`` URL, turns TLS
+    on; the files are checked when the connection is made.
+    """
+
+    auth_token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass
+class EtcdOptions:
+    """The etcd lease and credentials. TLS values are PEM file paths or inline PEM text."""
+
+    lease_ttl: int = 10
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_client_cert: str | None = None
+    tls_client_key: str | None = None
+
+
+@dataclass
 class WorkerConfig:
     """How the worker registers and serves. Built by ``from_args``; read by ``run``.
 
@@ -101,23 +143,38 @@ class WorkerConfig:
     tcp_port: int = 0
     system_host: str = "127.0.0.1"
     system_port: int | None = None
-    # Shutdown budgets in seconds (None: read the env variable when the worker needs it).
-    # grace: DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS (5); in-flight drain:
-    # DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT (30); cleanup: DYN_WORKER_SHUTDOWN_CLEANUP_TIMEOUT_SECS
-    # (default: the drain timeout). Past their sum (+ fixed steps) the process exits with 124.
-    shutdown_grace_period_s: float | None = None
-    shutdown_timeout_s: float | None = None
-    shutdown_cleanup_timeout_s: float | None = None
-    # Health canary (canary.py): DYN_HEALTH_CHECK_ENABLED runs it by itself on a worker idle
-    # for DYN_CANARY_WAIT_TIME s; each canary is bounded by DYN_HEALTH_CHECK_REQUEST_TIMEOUT s.
+    etcd: EtcdOptions = field(default_factory=EtcdOptions)
+    nats: NatsOptions = field(default_factory=NatsOptions)
+    # Request plane and serving.
+    request_plane_codec: str = "json"
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    engine_stream_timeout: float | None = None
+    debug_validate: bool = False
+    # Shutdown (see docs/architecture.md#shutdown-sequence).
+    graceful_shutdown_grace_period: float = 5.0
+    graceful_shutdown_timeout: float = 30.0
+    # None: the graceful shutdown timeout. Past grace + timeout + cleanup (+ the worker's fixed
+    # steps) the process exits with code 124 (runtime/worker.py).
+    graceful_shutdown_cleanup_timeout: float | None = None
+    # Health canary (runtime/canary.py): runs by itself on a worker idle for canary_wait_time.
     health_check_enabled: bool = False
-    canary_wait_s: float = 10.0
-    health_check_timeout_s: float = 3.0
-    # PROMETHEUS_MULTIPROC_DIR: an engine's multiprocess metrics, served on /metrics.
+    canary_wait_time: float = 10.0
+    health_check_request_timeout: float = 3.0
+    # Observability.
+    log_filter: str = "info"
+    logging_jsonl: bool = False
+    # An engine's multiprocess metrics directory, served on /metrics (runtime/engine_metrics.py).
     prometheus_multiproc_dir: str | None = None
+    tracing: bool = False
+    otel_service_name: str = "backend_common"
 
     def __post_init__(self) -> None:
         self.disaggregation_mode = DisaggregationMode.parse(self.disaggregation_mode)
+        if self.request_plane_codec not in ("json", "msgpack"):
+            raise invalid_arg(
+                f"unknown request plane codec '{self.request_plane_codec}' "
+                "(expected json or msgpack)"
+            )
         if self.discovery_backend not in ("etcd", "file"):
             raise invalid_arg(
                 f"unknown discovery backend '{self.discovery_backend}' (expected etcd or file)"

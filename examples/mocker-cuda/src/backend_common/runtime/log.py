@@ -1,10 +1,12 @@
-"""Logging set-up from ``DYN_LOG`` (Dynamo's filter syntax; ``RUST_LOG`` is not read).
+"""Logging set-up from a ``DYN_LOG`` filter (Dynamo's syntax; ``RUST_LOG`` is not read).
 
 ``DYN_LOG`` is a comma list: a bare level sets the root level, ``target=level``
 sets one logger (``backend_common=debug``). Levels: error, warn, info, debug,
-trace (= debug). Default ``info``. ``run`` calls ``configure_logging`` once.
+trace (= debug). Default ``info``. ``run`` calls ``configure_logging`` with
+``DYN_LOG`` before ``from_args``, and again if the ``WorkerConfig`` it got names
+another filter.
 
-``DYN_LOGGING_JSONL`` (1/true/yes/on) writes one JSON object per line on stderr, the way a
+``jsonl`` (``DYN_LOGGING_JSONL``) writes one JSON object per line on stderr, the way a
 Dynamo 1.6.1 worker writes a Python record (through its Rust logger):
 ``{"time": "<UTC, microseconds>Z", "level": "INFO", "target": "log", "message": ...,
 "log.file": <path>, "log.line": <n>, "log.target": "<module>.<function>"}``; levels are
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from datetime import UTC, datetime
 
@@ -63,15 +64,9 @@ class JsonlFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def _jsonl() -> bool:
-    return os.environ.get("DYN_LOGGING_JSONL", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def configure_logging(spec: str | None = None, *, jsonl: bool | None = None) -> None:
-    """``spec``: a ``DYN_LOG`` filter (None: the variable); ``jsonl``: JSON lines (None:
-    ``DYN_LOGGING_JSONL``)."""
-    spec = spec if spec is not None else os.environ.get("DYN_LOG", "info")
-    jsonl = _jsonl() if jsonl is None else jsonl
+def configure_logging(spec: str = "info", *, jsonl: bool = False) -> None:
+    """Apply the filter ``spec`` (``WorkerConfig.log_filter``) and the format (``jsonl``:
+    ``WorkerConfig.logging_jsonl``); see the module docstring."""
     root_level = logging.INFO
     targets: dict[str, int] = {}
     for part in (p.strip() for p in spec.split(",")):

@@ -2,10 +2,11 @@
 
 With ``DYN_HEALTH_CHECK_ENABLED`` (``WorkerConfig.health_check_enabled``), ``IdleCanary``
 sends the canary payload through the engine whenever the worker has seen no request for
-``DYN_CANARY_WAIT_TIME`` seconds (``canary_wait_s``, default 10), each bounded by
-``DYN_HEALTH_CHECK_REQUEST_TIMEOUT`` (``timeout_s``, default 3). Traffic is proof of life:
-while requests keep arriving no canary runs. The latest result is what ``/health`` reports
-(``last``); before the first canary the worker counts as healthy.
+``DYN_CANARY_WAIT_TIME`` seconds (``canary_wait_time``, default 10), each bounded by
+``DYN_HEALTH_CHECK_REQUEST_TIMEOUT`` (``health_check_request_timeout``, default 3).
+Traffic is proof of life: while requests keep arriving no canary runs. The latest result
+is what ``/health`` reports (``last``); before the first canary the worker counts as
+healthy.
 
 Owned by the worker: ``start()`` once the worker serves, ``close()`` when shutdown begins.
 ``probe`` runs one canary and returns ``(ok, detail)``; ``last_activity`` returns the

@@ -4,10 +4,11 @@
 ``setup_metrics``. Precedence, as in Dynamo's workers:
 
 1. ``override``: ``WorkerConfig.health_check_payload`` (the ``--health-check-payload``
-   flag, which itself defaults to ``DYN_HEALTH_CHECK_PAYLOAD``);
-2. the environment variable ``DYN_HEALTH_CHECK_PAYLOAD`` (JSON object or ``@file``),
-   for a ``WorkerConfig`` built in code;
-3. ``await engine.health_check_payload()``.
+   flag, which itself defaults to ``DYN_HEALTH_CHECK_PAYLOAD``; both read in ``args.py``);
+2. ``await engine.health_check_payload()``.
+
+An operator payload that does not parse is dropped by ``args.py`` with a warning, so the
+engine's payload is used then too.
 
 The first one that is set wins (an operator payload fully replaces the engine's, even
 ``{}``). An operator payload that is not a JSON object (or does not parse) is ignored with
@@ -24,16 +25,12 @@ greedy, ``max_tokens=1``, ``ignore_eos``.
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Any
-
-from ..args import parse_health_check_payload
 
 if TYPE_CHECKING:
     from ..engine import LLMEngine
 
 __all__ = [
-    "HEALTH_CHECK_ENV",
     "HEALTH_CHECK_KEY",
     "build_health_check_payload",
     "resolve_health_check_payload",
@@ -43,7 +40,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HEALTH_CHECK_KEY = "_HEALTH_CHECK"
-HEALTH_CHECK_ENV = "DYN_HEALTH_CHECK_PAYLOAD"
 
 
 def build_health_check_payload(
@@ -72,7 +68,7 @@ def stamp_canary_marker(payload: Any) -> dict[str, Any] | None:
 async def resolve_health_check_payload(
     override: dict[str, Any] | None, engine: LLMEngine
 ) -> dict[str, Any] | None:
-    """The canary payload by precedence override > env > engine (see the module docstring)."""
+    """The canary payload by precedence override > engine (see the module docstring)."""
     if override is not None:
         if isinstance(override, dict):
             return stamp_canary_marker(override)
@@ -80,12 +76,6 @@ async def resolve_health_check_payload(
             "health_check_payload override is not a JSON object; "
             "using the engine's health_check_payload()"
         )
-    elif os.environ.get(HEALTH_CHECK_ENV, "").strip():
-        # parse_health_check_payload warns and returns None for invalid values.
-        parsed = parse_health_check_payload(os.environ[HEALTH_CHECK_ENV])
-        if parsed is not None:
-            return stamp_canary_marker(parsed)
-        log.warning("%s is invalid; using the engine's health_check_payload()", HEALTH_CHECK_ENV)
     try:
         payload = await engine.health_check_payload()
     except Exception:  # noqa: BLE001 - a broken hook disables the canary, not the worker
