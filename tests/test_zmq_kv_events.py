@@ -26,6 +26,7 @@ from backend_common.engine_kv_events import (
     decode_batch,
     storage_tier,
 )
+from backend_common.errors import DynamoError
 from backend_common.kv_events import EventPlane, ZmqSource
 from backend_common.zmq_event_plane import ZmqEventPlane, encode_frames
 from backend_common.zmq_source import ZmqKvRelay, ZmqSourceMetrics
@@ -394,3 +395,12 @@ async def test_zmq_plane_advertises_loopback_sockets_and_sends_1_6_1_frames() ->
     assert envelope["publisher_id"] == pub.publisher_id and envelope["topic"] == "kv-events"
     (event,) = msgpack.unpackb(envelope["payload"])
     assert event["worker_id"] == 7 and event["event"]["data"] == {"removed": {"block_hashes": [1]}}
+
+
+async def test_an_endpoint_zmq_cannot_parse_is_a_typed_error() -> None:
+    relay, plane, _nc, _registry = make_relay(endpoint="tcp://no port here")
+    with pytest.raises(DynamoError) as info:
+        relay.start()
+    await plane.close()
+    assert info.value.is_invalid_argument
+    assert "tcp://no port here" in str(info.value)
