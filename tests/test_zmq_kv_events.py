@@ -404,3 +404,21 @@ async def test_an_endpoint_zmq_cannot_parse_is_a_typed_error() -> None:
     await plane.close()
     assert info.value.is_invalid_argument
     assert "tcp://no port here" in str(info.value)
+
+
+def test_event_plane_settings_come_from_the_environment(monkeypatch) -> None:
+    import argparse
+
+    from backend_common.args import add_common_args, worker_config_from_args
+
+    def config():
+        parser = argparse.ArgumentParser()
+        add_common_args(parser)
+        return worker_config_from_args(parser.parse_args(["--model-name", "m"]))
+
+    monkeypatch.delenv("DYN_EVENT_PLANE", raising=False)
+    monkeypatch.delenv("DYN_EVENT_PLANE_HOST", raising=False)
+    assert (config().event_plane, config().event_plane_host) == (None, "127.0.0.1")
+    monkeypatch.setenv("DYN_EVENT_PLANE", "zmq")
+    monkeypatch.setenv("DYN_EVENT_PLANE_HOST", "10.1.2.3")
+    assert (config().event_plane, config().event_plane_host) == ("zmq", "10.1.2.3")
