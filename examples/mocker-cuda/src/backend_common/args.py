@@ -155,6 +155,7 @@ def worker_config_from_args(args: argparse.Namespace, **overrides: Any) -> Worke
         file_kv=_env("DYN_FILE_KV"),
         tcp_host=_env("DYN_TCP_RPC_HOST", "127.0.0.1"),
         tcp_port=int(_env("DYN_TCP_RPC_PORT", 0)),
+        event_plane_host=_env("DYN_EVENT_PLANE_HOST", "127.0.0.1"),
         system_host=_env("DYN_SYSTEM_HOST", "127.0.0.1"),
         system_port=int(system_port) if system_port is not None else None,
     )
