@@ -115,7 +115,7 @@ def test_decode_vllm_batch() -> None:
     assert batch.ts == 1764540000.25 and batch.data_parallel_rank == 0
     assert batch.events == [
         BlockStored([H1, H2], None, TOKENS[:8], 4, None, "GPU"),
-        BlockStored([H3], H2, TOKENS[8:12], 4, "sql-adapter", "CPU"),
+        BlockStored([H3], H2, TOKENS[8:12], 4, "sql-adapter", "CPU", group_idx=0),
         BlockRemoved([H1], "GPU"),
         AllBlocksCleared(),
     ]
@@ -422,3 +422,36 @@ def test_event_plane_settings_come_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("DYN_EVENT_PLANE", "zmq")
     monkeypatch.setenv("DYN_EVENT_PLANE_HOST", "10.1.2.3")
     assert (config().event_plane, config().event_plane_host) == ("zmq", "10.1.2.3")
+
+
+async def test_only_main_attention_groups_of_hybrid_models_reach_the_router() -> None:
+    relay, plane, nc, registry = make_relay()
+
+    def stored(h: int, group: int, kind: str) -> dict:
+        event = vllm_stored([h], None, TOKENS[:4])
+        event.update(group_idx=group, kv_cache_spec_kind=kind)
+        return event
+
+    def removed(h: int, group: int) -> dict:
+        return {**vllm_removed([h]), "group_idx": group}
+
+    batch = [
+        stored(1, 0, "full_attention"),
+        stored(2, 1, "sliding_window"),
+        removed(2, 1),  # group 1 is sliding window: not indexed
+        removed(3, 2),  # group 2 never stored: cannot be classified
+        removed(1, 0),
+    ]
+    relay.handle(message(0, vllm_batch(batch)))
+    await plane.close()
+    data = data_of(router_events(nc))
+    assert [list(d) for d in data] == [["stored"], ["removed"]]
+    assert [b["block_hash"] for b in data[0]["stored"]["blocks"]] == [1]
+    assert data[1] == {"removed": {"block_hashes": [1]}}
+    for event_type, reason in (
+        ("BlockStored", "non_main_attention_kind"),
+        ("BlockRemoved", "non_main_attention_group"),
+        ("BlockRemoved", "unlearned_group_idx"),
+    ):
+        labels = {"event_type": event_type, "reason": reason}
+        assert metric(registry, "zmq_filtered_events", **labels) == 1

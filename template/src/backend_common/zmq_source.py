@@ -27,6 +27,10 @@ Contract and invariants:
   counted and skipped; inside a batch every event is handled on its own: an unknown type
   or a malformed event is counted and skipped, the others go through. Each case logs a
   warning (the first few per kind, then one in every 1000).
+* Events of a KV cache group that is not main attention (hybrid models: a
+  ``kv_cache_spec_kind`` such as ``sliding_window`` or ``mamba``, learned per ``group_idx``
+  from the stores; events of a group whose kind was never learned while others were) are
+  filtered, as Dynamo filters them.
 * ``BlockStored`` blocks whose ``block_size`` differs from the engine's
   ``kv_cache_block_size`` cannot match the router's hashes and are filtered (counted);
   when ``token_ids`` cover fewer blocks than ``block_hashes``, only the covered prefix is
@@ -57,6 +61,7 @@ import zmq
 from prometheus_client import CollectorRegistry, Counter
 
 from .engine_kv_events import (
+    MAIN_ATTENTION_KINDS,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -142,6 +147,7 @@ class ZmqKvRelay:
         self._labels = metrics.labels(self.dp_rank)
         self._ctx = context or zmq.Context.instance()
         self._last_sequence: int | None = None
+        self._group_kinds: dict[int, str] = {}  # group_idx -> kv_cache_spec_kind
         self._warned: Tally[str] = Tally()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -243,6 +249,10 @@ class ZmqKvRelay:
         if isinstance(event, EventIssue):
             self._conversion(event.event_type, event.reason, event.detail)
             return
+        reason = self._group_filter(event)
+        if reason is not None:
+            self._filtered(event_type, reason)
+            return
         if isinstance(event, BlockStored):
             if not self._stored(event):
                 return
@@ -253,6 +263,23 @@ class ZmqKvRelay:
         elif isinstance(event, AllBlocksCleared):
             self._publisher.publish_cleared()
         self._metrics.events.labels(**self._labels, stage="accepted", event_type=event_type).inc()
+
+    def _group_filter(self, event: object) -> str | None:
+        """Why ``event`` belongs to a KV cache group the router does not index, or None."""
+        group = getattr(event, "group_idx", None)
+        kind = getattr(event, "kv_cache_spec_kind", None)
+        if group is not None and kind is not None:
+            self._group_kinds[group] = kind
+        if kind is not None:
+            return None if kind in MAIN_ATTENTION_KINDS else "non_main_attention_kind"
+        if group is None:
+            return None
+        learned = self._group_kinds.get(group)
+        if learned is None:
+            # An engine that never names kinds has one group the router indexes; one that
+            # does has not stored into this group yet, so its removal cannot be classified.
+            return "unlearned_group_idx" if self._group_kinds else None
+        return None if learned in MAIN_ATTENTION_KINDS else "non_main_attention_group"
 
     def _stored(self, event: BlockStored) -> bool:
         size = self._block_size

@@ -19,7 +19,8 @@ The engines' wire format (vLLM ``vllm/distributed/kv_events.py``, SGLang
 
   - ``BlockStored``: ``block_hashes``, ``parent_block_hash``, ``token_ids``,
     ``block_size``, ``lora_id``, then (vLLM only) ``medium``, ``lora_name``, and
-    optional ``extra_keys``, ``group_idx``, ``kv_cache_spec_kind``, ... (ignored);
+    optional ``extra_keys`` (ignored), ``group_idx``, ``kv_cache_spec_kind``,
+    ``kv_cache_spec_sliding_window`` (ignored);
   - ``BlockRemoved``: ``block_hashes``, then (vLLM only) ``medium``, ``group_idx``;
   - ``AllBlocksCleared``: no fields.
 
@@ -32,6 +33,9 @@ The engines' wire format (vLLM ``vllm/distributed/kv_events.py``, SGLang
 
 ``lora_id`` is deprecated in vLLM and, as in Dynamo, plays no part in routing;
 ``lora_name`` does (it seeds the router's block hash, see ``kv_events.tokens_hash``).
+Hybrid models (vLLM with several KV cache groups) tag events with ``group_idx``; stores also
+carry the group's ``kv_cache_spec_kind``, which tells the main attention groups (the only
+ones the router indexes, ``MAIN_ATTENTION_KINDS`` as in Dynamo) from the others.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from typing import Any
 import msgpack
 
 __all__ = [
+    "MAIN_ATTENTION_KINDS",
     "AllBlocksCleared",
     "BlockRemoved",
     "BlockStored",
@@ -54,6 +59,9 @@ __all__ = [
 ]
 
 U64 = (1 << 64) - 1
+
+# KV cache spec kinds whose blocks the router indexes (Dynamo's default index strategy).
+MAIN_ATTENTION_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
 
 # Field order of the array form (after the tag), as the structs declare them.
 _STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id")
@@ -90,12 +98,15 @@ class BlockStored:
     block_size: int
     lora_name: str | None = None
     medium: str | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
 
 
 @dataclass(frozen=True)
 class BlockRemoved:
     block_hashes: list[int]
     medium: str | None = None
+    group_idx: int | None = None
 
 
 @dataclass(frozen=True)
@@ -174,7 +185,9 @@ def _decode_event(raw: Any) -> Event | EventIssue:
             return _stored(f)
         if tag == "BlockRemoved":
             f = fields if fields is not None else _positional(raw, _REMOVED_FIELDS)
-            return BlockRemoved(_hashes(_required(f, "block_hashes")), _opt_str(f, "medium"))
+            return BlockRemoved(
+                _hashes(_required(f, "block_hashes")), _opt_str(f, "medium"), _group(f)
+            )
         if tag == "AllBlocksCleared":
             return AllBlocksCleared()
     except _Bad as exc:
@@ -204,7 +217,16 @@ def _stored(f: dict[str, Any]) -> BlockStored:
         block_size=block_size,
         lora_name=lora_name or None,
         medium=_opt_str(f, "medium"),
+        group_idx=_group(f),
+        kv_cache_spec_kind=_opt_str(f, "kv_cache_spec_kind"),
     )
+
+
+def _group(f: dict[str, Any]) -> int | None:
+    value = f.get("group_idx")
+    if value is not None and not (_is_int(value) and value >= 0):
+        raise _Bad(f"group_idx must be a non-negative integer or null, got {value!r}")
+    return value
 
 
 def _required(f: dict[str, Any], name: str) -> Any:
