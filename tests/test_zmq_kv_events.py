@@ -10,6 +10,7 @@ plane. The expected ``tokens_hash`` values come from 1.6.1's ``compute_block_has
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import msgpack
@@ -17,6 +18,7 @@ import pytest
 import zmq
 from prometheus_client import CollectorRegistry
 
+from backend_common.config import EngineConfig, WorkerConfig
 from backend_common.engine_kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -27,7 +29,7 @@ from backend_common.engine_kv_events import (
     storage_tier,
 )
 from backend_common.errors import DynamoError
-from backend_common.kv_events import EventPlane, ZmqSource
+from backend_common.kv_events import EventPlane, ZmqSource, setup_kv_routing
 from backend_common.zmq_event_plane import ZmqEventPlane, encode_frames
 from backend_common.zmq_source import ZmqKvRelay, ZmqSourceMetrics
 
@@ -455,3 +457,41 @@ async def test_only_main_attention_groups_of_hybrid_models_reach_the_router() ->
     ):
         labels = {"event_type": event_type, "reason": reason}
         assert metric(registry, "zmq_filtered_events", **labels) == 1
+
+
+class ZmqEngine:
+    def __init__(self, *endpoints: str) -> None:
+        self.endpoints = endpoints
+
+    async def kv_event_sources(self) -> list[ZmqSource]:
+        return [ZmqSource(e, dp_rank=r) for r, e in enumerate(self.endpoints)]
+
+
+def relay_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("zmq-kv-relay")]
+
+
+async def test_setup_kv_routing_wires_zmq_sources_to_the_zmq_plane_by_default() -> None:
+    config = WorkerConfig(namespace="ns", component="c", endpoint="e", discovery_backend="file")
+    engine_config = EngineConfig(model="m", kv_cache_block_size=4)
+    registry = CollectorRegistry()
+    engine = ZmqEngine("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    plane = await setup_kv_routing(engine, config, engine_config, 5, registry, {})
+    assert isinstance(plane, ZmqEventPlane)
+    assert len(relay_threads()) == 2
+    sources = [v for _, v in plane.records(5) if v["type"] == "EventSource"]
+    assert sorted(s["metadata"]["worker"]["dp_rank"] for s in sources) == [0, 1]
+    await plane.close()
+    assert relay_threads() == []
+
+    # One endpoint ZMQ cannot parse: a typed error, and the relay already started is stopped.
+    with pytest.raises(DynamoError):
+        await setup_kv_routing(
+            ZmqEngine("tcp://127.0.0.1:1", "bogus"),
+            config,
+            engine_config,
+            5,
+            CollectorRegistry(),
+            {},
+        )
+    assert relay_threads() == []

@@ -544,7 +544,11 @@ async def setup_kv_routing(
 
             zmq_metrics = zmq_metrics or ZmqSourceMetrics(registry, labels)
             relay = ZmqKvRelay(src, publisher, zmq_metrics)
-            relay.start()
+            try:
+                relay.start()
+            except BaseException:
+                await plane.close()  # stops the relays already started, closes the sockets
+                raise
             plane.on_close(relay.stop)
         else:
             src.on_ready(publisher)
