@@ -29,9 +29,10 @@ from backend_common.engine_kv_events import (
     storage_tier,
 )
 from backend_common.errors import DynamoError
-from backend_common.kv_events import EventPlane, ZmqSource, setup_kv_routing
+from backend_common.kv_events import EventPlane, ZmqSource
+from backend_common.runtime.kv_routing import setup_kv_routing
+from backend_common.runtime.zmq_source import ZmqKvRelay, ZmqSourceMetrics
 from backend_common.zmq_event_plane import ZmqEventPlane, encode_frames
-from backend_common.zmq_source import ZmqKvRelay, ZmqSourceMetrics
 
 TOKENS = list(range(100, 116))
 H1, H2, H3 = 0x1111111111111111, 0xF222222222222222, 0x3333333333333333
@@ -465,6 +466,9 @@ class ZmqEngine:
 
     async def kv_event_sources(self) -> list[ZmqSource]:
         return [ZmqSource(e, dp_rank=r) for r, e in enumerate(self.endpoints)]
+
+    def component_metrics_dp_ranks(self) -> list[int]:
+        return []
 
 
 def relay_threads() -> list[threading.Thread]:

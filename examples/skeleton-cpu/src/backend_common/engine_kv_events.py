@@ -1,7 +1,7 @@
 """KV cache events as vLLM and SGLang publish them on their ZMQ PUB socket: the decoder.
 
 Pure functions, no sockets: ``decode_batch(payload)`` turns the third frame of one ZMQ
-message into an ``EventBatch``; ``zmq_source`` receives the frames and republishes what
+message into an ``EventBatch``; ``runtime.zmq_source`` receives the frames and republishes what
 this returns. A payload that is not a batch at all raises ``MalformedBatch``; one bad event
 inside a good batch becomes an ``EventIssue`` in its place and the other events survive.
 

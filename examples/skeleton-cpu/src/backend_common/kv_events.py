@@ -2,7 +2,7 @@
 
 The ZMQ event plane (1.6.1's default) is ``zmq_event_plane``; an engine that publishes
 its events on its own ZMQ socket, as vLLM and SGLang do, returns a ``ZmqSource`` instead
-of a ``PushSource`` (see ``zmq_source``).
+of a ``PushSource`` (see ``runtime.zmq_source``).
 
 An engine that wants ``--router-mode kv`` to send repeated prefixes back to it
 returns one ``PushSource`` per data-parallel rank from ``kv_event_sources()``::
@@ -57,7 +57,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 
@@ -67,12 +67,6 @@ except ImportError:  # a runtime dependency; guarded so the worker imports witho
     xxhash = None
 
 from .errors import invalid_arg
-
-if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
-
-    from .config import EngineConfig, WorkerConfig
-    from .engine import LLMEngine
 
 __all__ = [
     "KV_EVENTS_TOPIC",
@@ -87,7 +81,6 @@ __all__ = [
     "event_channel_record",
     "event_source_record",
     "sequence_block_hashes",
-    "setup_kv_routing",
     "subject_prefix",
     "tokens_hash",
 ]
@@ -152,7 +145,7 @@ class PushSource:
 
 @dataclass(frozen=True)
 class ZmqSource:
-    """An engine-owned ZMQ PUB socket of KV events in vLLM's format (see ``zmq_source``)."""
+    """An engine-owned ZMQ PUB socket of KV events in vLLM's format (``runtime.zmq_source``)."""
 
     endpoint: str
     topic: str = ""
@@ -476,85 +469,3 @@ class EventPlane:
         except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
             self._sender.cancel()
         await self._close_transport()
-
-
-# -- worker wiring -------------------------------------------------------------------------
-def _event_plane_kind(config: WorkerConfig) -> str:
-    # 1.6.1: "If unset, defaults to 'zmq' for all discovery backends".
-    return config.event_plane or "zmq"
-
-
-async def setup_kv_routing(
-    engine: LLMEngine,
-    config: WorkerConfig,
-    engine_config: EngineConfig,
-    worker_id: int,
-    registry: CollectorRegistry,
-    labels: dict[str, str],
-) -> EventPlane | None:
-    """Called once by the worker, when KV routing is on, after ``engine.setup_metrics``.
-
-    Calls ``engine.kv_event_sources()`` and (when defined) ``component_metrics_dp_ranks()``;
-    connects the event plane (``config.event_plane``: ZMQ, 1.6.1's default, or NATS) if
-    either asks for it; hands each ``PushSource`` its ``KvEventPublisher``, starts a
-    ``ZmqKvRelay`` for each ``ZmqSource`` (stopped by the plane's ``close()``) and hands the
-    engine its ``SnapshotPublisher``. Returns the event plane
-    (its ``records`` go to discovery) or None when nothing is published. A source of an
-    unknown type raises ``TypeError``.
-    """
-    from .publisher import SnapshotPublisher
-
-    sources = list(await engine.kv_event_sources() or [])
-    for src in sources:
-        if type(src).__name__ not in ("PushSource", "ZmqSource"):
-            raise TypeError(
-                f"kv_event_sources() returned unknown descriptor type {type(src).__name__}; "
-                "expected ZmqSource or PushSource"
-            )
-    ranks_hook = getattr(engine, "component_metrics_dp_ranks", None)
-    ranks = [int(r) for r in (ranks_hook() if callable(ranks_hook) else []) or []]
-    if not sources and not ranks:
-        return None
-    plane: EventPlane | None = None
-    kind = _event_plane_kind(config)
-    ns, comp, ep = config.namespace, config.component, config.endpoint
-    if kind == "nats":
-        plane = await EventPlane.connect(config.nats_server, ns, comp, ep, worker_id)
-    elif kind == "zmq":
-        from .zmq_event_plane import ZmqEventPlane
-
-        plane = await ZmqEventPlane.connect(config.event_plane_host, ns, comp, ep, worker_id)
-    else:
-        log.warning(
-            "event plane %r is not supported (use zmq or nats): "
-            "no KV events or load metrics reach the KV router",
-            kind,
-        )
-    block_size = engine_config.kv_cache_block_size
-    zmq_metrics = None
-    for src in sources:
-        if plane is None:
-            continue
-        if not block_size:
-            log.warning("EngineConfig.kv_cache_block_size is not set: KV events are disabled")
-            break
-        publisher = plane.kv_publisher(int(src.dp_rank), int(block_size))
-        if type(src).__name__ == "ZmqSource":
-            from .zmq_source import ZmqKvRelay, ZmqSourceMetrics
-
-            zmq_metrics = zmq_metrics or ZmqSourceMetrics(registry, labels)
-            relay = ZmqKvRelay(src, publisher, zmq_metrics)
-            try:
-                relay.start()
-            except BaseException:
-                await plane.close()  # stops the relays already started, closes the sockets
-                raise
-            plane.on_close(relay.stop)
-        else:
-            src.on_ready(publisher)
-    if ranks:
-        attach = getattr(engine, "attach_snapshot_publisher", None)
-        snapshots = SnapshotPublisher(registry, labels, ranks, plane.load if plane else None)
-        if callable(attach):
-            attach(snapshots)
-    return plane
