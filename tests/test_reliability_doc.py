@@ -11,6 +11,7 @@ from reliability_results import COMMITTED, DOC, REPO, render, section
 
 # Recorded under a computed name, so the pattern below does not see them.
 COMPUTED_NAMES = {"soak", "chaos"}
+RECORDING_FILES = ("test_reliability_*.py", "test_shutdown_deadline.py")
 
 
 def test_doc_table_matches_committed_results() -> None:
@@ -22,8 +23,9 @@ def test_doc_table_matches_committed_results() -> None:
 
 def test_every_recording_test_has_committed_results() -> None:
     names = set(COMPUTED_NAMES)
-    for path in (REPO / "tests").glob("test_reliability_*.py"):
-        names |= set(re.findall(r'record\(\s*"(\w+)"', path.read_text()))
+    for pattern in RECORDING_FILES:
+        for path in (REPO / "tests").glob(pattern):
+            names |= set(re.findall(r'record\(\s*"(\w+)"', path.read_text()))
     results = json.loads(COMMITTED.read_text())
     assert names - set(results) == set(), "no committed figures for these tests"
     for name, data in results.items():
