@@ -23,6 +23,13 @@ _AUTHOR = {"author_name": "Dynamo Backend Template", "author_email": "backends@e
 
 EXAMPLES: dict[str, dict[str, str]] = {
     "skeleton-cpu": {"project_name": "skeleton-cpu", **_AUTHOR},
+    # Disaggregated serving on CPU without torch: the fastest render whose `make test` serves
+    # chat through a prefill and a decode worker.
+    "skeleton-disagg-cpu": {
+        "project_name": "skeleton-disagg-cpu",
+        "disagg_roles": "agg,prefill,decode",
+        **_AUTHOR,
+    },
     "mocker-cuda": {
         "project_name": "mocker-cuda",
         "engine_kind": "mocker",
