@@ -19,7 +19,12 @@ __all__ = ["EXAMPLES", "EXAMPLES_DIR", "diff_examples", "render_examples", "writ
 
 EXAMPLES_DIR = REPO_ROOT / "examples"
 
-_AUTHOR = {"author_name": "Dynamo Backend Template", "author_email": "backends@example.com"}
+_AUTHOR = {
+    "author_name": "Dynamo Backend Template",
+    "author_email": "backends@example.com",
+    # Fixed so that the examples do not change with the calendar.
+    "copyright_year": "2026",
+}
 
 EXAMPLES: dict[str, dict[str, str]] = {
     "skeleton-cpu": {"project_name": "skeleton-cpu", **_AUTHOR},
