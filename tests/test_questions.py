@@ -81,7 +81,7 @@ def test_every_standard_library_module_name_is_refused() -> None:
     """The validator's list covers this interpreter's ``sys.stdlib_module_names``."""
     text = (REPO_ROOT / "copier.yml").read_text()
     validator = yaml.safe_load(text)["package_name"]["validator"]
-    listed = set(validator.split("{% elif package_name in \"", 1)[1].split('"', 1)[0].split())
+    listed = set(validator.split('{% elif package_name in "', 1)[1].split('"', 1)[0].split())
     identifiers = {n for n in sys.stdlib_module_names if re.fullmatch(r"[a-z][a-z0-9_]*", n)}
     assert identifiers <= listed, sorted(identifiers - listed)
 
