@@ -269,6 +269,37 @@ def test_kubernetes_manifest_validates_against_the_dgd_crd(rendered, key: str) -
             assert main["args"][:2] == ["--disaggregation-mode", role]
 
 
+@pytest.mark.parametrize("key", IDS)
+def test_ci_workflow_and_pre_commit_hooks(rendered, key: str) -> None:
+    project, data = rendered[key]
+    workflow_path = project / ".github" / "workflows" / "ci.yml"
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "check-jsonschema"), "--builtin-schema"]
+        + ["vendor.github-workflows", str(workflow_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    workflow = yaml.safe_load(workflow_path.read_text(encoding="utf-8"))
+    assert workflow["permissions"] == {"contents": "read"}
+    jobs = workflow["jobs"]
+    mocker = data["engine_kind"] == "mocker"
+    assert set(jobs) == ({"test", "docker", "gpu-check"} if mocker else {"test", "docker"})
+    uses = [step["uses"] for job in jobs.values() for step in job["steps"] if "uses" in step]
+    assert uses and all(u in ("actions/checkout@v6", "actions/setup-python@v6") for u in uses)
+    runs = {job: [step.get("run") for step in jobs[job]["steps"]] for job in jobs}
+    assert "make lint test PYTHON=python" in runs["test"]
+    assert "make docker" in runs["docker"]
+    if mocker:
+        assert "make gpu-check PYTHON=python" in runs["gpu-check"]
+        assert "vars.GPU_RUNNER" in jobs["gpu-check"]["if"]  # opt-in
+
+    hooks = yaml.safe_load((project / ".pre-commit-config.yaml").read_text(encoding="utf-8"))
+    ids = {hook["id"] for repo in hooks["repos"] for hook in repo["hooks"]}
+    assert {"ruff-check", "ruff-format", "mypy", "hadolint"} <= ids
+
+
 def test_matrix_covers_every_combination() -> None:
     assert len(COMBOS) == 16 == len(set(IDS))
 
