@@ -187,6 +187,40 @@ def test_answers_land_where_they_should(rendered, key: str) -> None:
     assert (project / "LICENSE").is_file() == (data["license"] != "Proprietary")
 
 
+@pytest.fixture(scope="module")
+def mypy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared by the renders: they vendor the same runtime, checked once."""
+    return tmp_path_factory.mktemp("mypy-cache")
+
+
+@pytest.mark.parametrize("key", IDS)
+def test_mypy_passes_with_the_projects_own_config(rendered, key: str, mypy_cache: Path) -> None:
+    project, data = rendered[key]
+    config = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["mypy"]
+    # This environment has no torch (the mocker's); a project's own .venv has it.
+    config["overrides"].append({"module": ["torch", "torch.*"], "ignore_missing_imports": True})
+    lines = ["[tool.mypy]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in config.items() if k != "overrides"]
+    for override in config["overrides"]:
+        lines += [
+            "[[tool.mypy.overrides]]",
+            *(f"{k} = {json.dumps(v)}" for k, v in override.items()),
+        ]
+    config_file = project.parent / f"{project.name}-mypy.toml"
+    config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(config_file)]
+        + ["--cache-dir", str(mypy_cache), "--python-executable", sys.executable],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert (project / "src" / "backend_common" / "py.typed").is_file()
+    assert (project / "src" / data["project_name"].replace("-", "_") / "py.typed").is_file()
+
+
 def worker_shutdown_bound_s(timeout_s: float) -> float:
     """Longest graceful shutdown of a worker (backend_common.worker): grace period, quiet
     wait, two discovery withdrawals, engine drain and in-flight streams (each up to the

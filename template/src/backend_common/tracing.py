@@ -32,6 +32,7 @@ spans are then created but not exported.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -102,12 +103,9 @@ def _configure_export() -> None:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        if package == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
-                OTLPSpanExporter,
-            )
+        exporter = importlib.import_module(
+            f"opentelemetry.exporter.otlp.proto.{package}.trace_exporter"
+        )
     except ImportError:
         log.warning(
             "tracing is on but opentelemetry-sdk / opentelemetry-exporter-otlp-proto-%s are "
@@ -117,7 +115,7 @@ def _configure_export() -> None:
         return
     service = os.environ.get("OTEL_SERVICE_NAME", INSTRUMENTATION)
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(exporter.OTLPSpanExporter()))
     # TracerProvider flushes spans still queued at interpreter exit (shutdown_on_exit).
     trace.set_tracer_provider(provider)
 
