@@ -21,13 +21,18 @@ Engine code adds to it with ``current_span()`` (attributes, events) or opens chi
 with ``start_span(name, **attrs)``; both are no-ops while tracing is off.
 
 Export: the first tracer built installs an SDK ``TracerProvider`` exporting over OTLP
-(``opentelemetry-exporter-otlp``, standard ``OTEL_EXPORTER_OTLP_*`` variables) unless the
-application set a provider itself; ``set_tracer_provider(provider)`` overrides it (tests
-use an in-memory exporter).
+unless the application set a provider itself; ``set_tracer_provider(provider)`` overrides
+it (tests use an in-memory exporter). The protocol is OTLP/HTTP protobuf
+(``opentelemetry-exporter-otlp-proto-http``, in the ``tracing`` extra), or gRPC when
+``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_PROTOCOL`` say ``grpc``
+(``opentelemetry-exporter-otlp-proto-grpc``); the endpoint and the rest come from the
+standard ``OTEL_EXPORTER_OTLP_*`` variables. A missing exporter package is logged once and
+spans are then created but not exported.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -87,20 +92,31 @@ def _configure_export() -> None:
 
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         return
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+    package = "grpc" if protocol == "grpc" else "http"
     try:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        exporter = importlib.import_module(
+            f"opentelemetry.exporter.otlp.proto.{package}.trace_exporter"
+        )
     except ImportError:
         log.warning(
-            "tracing is on but opentelemetry-sdk / opentelemetry-exporter-otlp are not "
-            "installed: spans are created but not exported"
+            "tracing is on but opentelemetry-sdk / opentelemetry-exporter-otlp-proto-%s are "
+            "not installed: spans are created but not exported",
+            package,
         )
         return
     service = os.environ.get("OTEL_SERVICE_NAME", INSTRUMENTATION)
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(exporter.OTLPSpanExporter()))
+    # TracerProvider flushes spans still queued at interpreter exit (shutdown_on_exit).
     trace.set_tracer_provider(provider)
 
 

@@ -61,7 +61,7 @@ import msgpack
 try:
     import xxhash
 except ImportError:  # a runtime dependency; guarded so the worker imports without it
-    xxhash = None
+    xxhash = None  # type: ignore[assignment]
 
 from .errors import invalid_arg
 
@@ -242,7 +242,7 @@ class KvEventPublisher:
     def publisher_id(self) -> int:
         return self._channel.publisher_id
 
-    def _emit(self, data: dict[str, Any]) -> None:
+    def _emit(self, data: dict[str, Any] | str) -> None:
         with self._lock:
             self._event_id += 1
             event_id = self._event_id

@@ -388,7 +388,9 @@ class Worker:
                         return True, "ok"
                 return False, "stream ended without a terminal"
             finally:
-                await stream.aclose()
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
 
         try:
             return await asyncio.wait_for(one(), 10.0)

@@ -1,0 +1,118 @@
+"""What an engine tells the worker (``EngineConfig``) and how it is set up (``WorkerConfig``).
+
+``from_args`` returns a ``WorkerConfig`` built from the shared CLI flags and
+environment variables (``args.py``); ``start()`` returns an ``EngineConfig``
+with the facts only a running engine knows (context length, KV block size,
+capacity). Every ``EngineConfig`` field but ``model`` is optional: ``None``
+means "not advertised".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .errors import invalid_arg
+
+__all__ = ["DisaggregationMode", "EngineConfig", "WorkerConfig"]
+
+
+class DisaggregationMode(StrEnum):
+    AGGREGATED = "agg"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    ENCODE = "encode"
+
+    @classmethod
+    def parse(cls, value: str | DisaggregationMode) -> DisaggregationMode:
+        if isinstance(value, DisaggregationMode):
+            return value
+        v = str(value).strip().lower()
+        if v == "aggregated":
+            v = "agg"
+        for member in cls:
+            if member.value == v:
+                return member
+        raise invalid_arg(
+            f"unknown disaggregation mode '{value}' (expected one of: agg, prefill, decode, encode)"
+        )
+
+    @property
+    def worker_type(self) -> str:
+        """The model card's ``worker_type`` string."""
+        return "aggregated" if self is DisaggregationMode.AGGREGATED else self.value
+
+
+@dataclass
+class EngineConfig:
+    """Returned by ``LLMEngine.start``. ``model`` must be non-empty."""
+
+    model: str
+    served_model_name: str | None = None
+    context_length: int | None = None
+    kv_cache_block_size: int | None = None
+    total_kv_blocks: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    data_parallel_size: int | None = None
+    data_parallel_start_rank: int | None = None
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    runtime_data: dict[str, Any] | None = None
+    model_aliases: list[str] = field(default_factory=list)
+    # Token ids >= vocab_size are refused before generate (request_policy); None: unchecked.
+    vocab_size: int | None = None
+
+
+@dataclass
+class WorkerConfig:
+    """How the worker registers and serves. Built by ``from_args``; read by ``run``.
+
+    Names and defaults follow Dynamo's ``CommonArgs`` / ``WorkerConfig``.
+    """
+
+    namespace: str = "dynamo"
+    component: str = "backend"
+    endpoint: str = "generate"
+    model_name: str = ""
+    model_path: str | None = None
+    served_model_name: str | None = None
+    endpoint_types: str = "chat,completions"
+    discovery_backend: str = "etcd"
+    request_plane: str = "tcp"
+    event_plane: str | None = None
+    disaggregation_mode: DisaggregationMode = DisaggregationMode.AGGREGATED
+    custom_jinja_template: str | None = None
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    exclude_tools_when_tool_choice_none: bool = True
+    structural_tag: dict[str, Any] | None = None
+    enable_local_indexer: bool = True
+    enable_kv_routing: bool = True
+    migration_limit: int = 0
+    health_check_payload: dict[str, Any] | None = None
+    metrics_labels: list[tuple[str, str]] = field(default_factory=list)
+    # Connection settings (flags or the usual env vars).
+    etcd_endpoints: str = "http://localhost:2379"
+    nats_server: str = "nats://localhost:4222"
+    file_kv: str | None = None
+    tcp_host: str = "127.0.0.1"
+    tcp_port: int = 0
+    system_host: str = "127.0.0.1"
+    system_port: int | None = None
+
+    def __post_init__(self) -> None:
+        self.disaggregation_mode = DisaggregationMode.parse(self.disaggregation_mode)
+        if self.discovery_backend not in ("etcd", "file"):
+            raise invalid_arg(
+                f"unknown discovery backend '{self.discovery_backend}' (expected etcd or file)"
+            )
+        if self.request_plane not in ("tcp", "nats"):
+            raise invalid_arg(
+                f"unknown request plane '{self.request_plane}' (expected tcp or nats)"
+            )
+
+    @property
+    def public_name(self) -> str:
+        return self.served_model_name or self.model_name

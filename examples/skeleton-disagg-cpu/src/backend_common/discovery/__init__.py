@@ -1,0 +1,55 @@
+"""Discovery backends: how a worker makes itself known to the Dynamo frontend.
+
+``create_discovery(config)`` picks the backend named by
+``WorkerConfig.discovery_backend`` (``etcd`` or ``file``); record and key helpers
+live in ``base``. See ``base.Discovery`` for the call contract.
+"""
+
+from __future__ import annotations
+
+from ..config import WorkerConfig
+from ..errors import invalid_arg
+from .base import (
+    Discovery,
+    ReregisteredHook,
+    endpoint_record,
+    instance_key,
+    instance_path,
+    model_key,
+    model_record,
+    nats_transport,
+    tcp_transport,
+)
+
+__all__ = [
+    "Discovery",
+    "ReregisteredHook",
+    "create_discovery",
+    "endpoint_record",
+    "instance_key",
+    "instance_path",
+    "model_key",
+    "model_record",
+    "nats_transport",
+    "tcp_transport",
+]
+
+
+def create_discovery(config: WorkerConfig) -> Discovery:
+    """The backend for ``config``; not connected yet (call ``connect()``).
+
+    etcd: ``config.etcd_endpoints`` plus, from the environment, ``ETCD_LEASE_TTL`` (default
+    10 s), ``ETCD_AUTH_USERNAME`` / ``ETCD_AUTH_PASSWORD`` and, for TLS (``https://``
+    endpoints), ``ETCD_AUTH_CA`` / ``ETCD_AUTH_CLIENT_CERT`` / ``ETCD_AUTH_CLIENT_KEY``
+    (PEM file paths or PEM text; see ``etcd.EtcdTls``).
+    file: ``config.file_kv``, else ``DYN_FILE_KV``, else ``$TMPDIR/dynamo_store_kv``.
+    """
+    if config.discovery_backend == "etcd":
+        from .etcd import EtcdDiscovery
+
+        return EtcdDiscovery.from_env(config.etcd_endpoints)
+    if config.discovery_backend == "file":
+        from .file import FileDiscovery, default_root
+
+        return FileDiscovery(config.file_kv or default_root())
+    raise invalid_arg(f"unknown discovery backend '{config.discovery_backend}'")
