@@ -182,7 +182,7 @@ def test_answers_land_where_they_should(rendered, key: str) -> None:
         assert ("deploy" in worker) == (data["accelerator"] == "cuda")
 
     args = (package / "args.py").read_text(encoding="utf-8")
-    assert f'DEFAULT_REQUEST_PLANE = "{data["request_plane"]}"' in args
+    assert f'DEFAULT_REQUEST_PLANE: Final = "{data["request_plane"]}"' in args
     assert json.dumps(data["disagg_roles"].split(",")) in args
     assert (project / "LICENSE").is_file() == (data["license"] != "Proprietary")
 
@@ -225,7 +225,7 @@ def worker_shutdown_bound_s(timeout_s: float) -> float:
     """Longest graceful shutdown of a worker (backend_common.worker): grace period, quiet
     wait, two discovery withdrawals, engine drain and in-flight streams (each up to the
     timeout), the cancel flush."""
-    from backend_common import worker
+    from backend_common.runtime import worker
 
     grace_s, withdraw_s = 5.0, 5.0  # DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS default; wait_for
     return (
