@@ -20,8 +20,8 @@ Invariants:
   the first item, is an error item in the stream carrying the serialized
   ``DynamoError`` (``DynamoError.to_wire``): the frontend takes from it the HTTP
   status / SSE error code, whether to retry on another worker and whether to take
-  this one out of rotation (docs/errors.md). An untyped prologue would sideline
-  the worker.
+  this one out of rotation (docs/wire-protocol.md#how-the-frontend-reacts). An
+  untyped prologue would sideline the worker.
 * Exactly one terminal reaches the frontend; items after it are dropped and the
   engine's generator is closed. A stream that ends without a terminal gets a
   ``StreamIncomplete`` error item.
