@@ -84,7 +84,7 @@ async def parity(base: str, model_path: Path, max_tokens: int) -> dict[str, Any]
                 do_sample=False,
                 pad_token_id=0,
             )
-        expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        expected = str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
         if result.ok and result.text.strip() == expected.strip():
             equal += 1
         else:
@@ -143,9 +143,10 @@ def offline(
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.float32 if device == "cpu" else "auto", attn_implementation="sdpa"
-    ).to(device)
+    )
+    model = model.to(device)
     inputs = [tokenizer(" ".join(prompt_words(i))).input_ids for i in range(requests)]
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_tokens, eos_token_id=-1)
     # The cache the worker uses on the CPU by default (hf/core.py): 4 full-context sequences.

@@ -57,13 +57,15 @@ async def check(model_path: Path, device: str, max_tokens: int) -> dict[str, Any
     engine, _ = TransformersCpuEngine.from_args(argv)
     await engine.start(1)
     try:
-        info = engine.info
+        info, core = engine.info, engine.core
+        assert info is not None and core is not None
         bos = info.bos_id if info.bos_id is not None else 1
         batch = prompts(8, bos, info.vocab_size)
         got = await asyncio.gather(*(collect(engine, p, 16) for p in batch))
-        reference = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=engine.core._model.dtype, attn_implementation="sdpa"
-        ).to(device)
+        reference: Any = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=core._model.dtype, attn_implementation="sdpa"
+        )
+        reference = reference.to(device)
         equal = 0
         for prompt, tokens in zip(batch, got, strict=True):
             with torch.no_grad():
@@ -82,7 +84,7 @@ async def check(model_path: Path, device: str, max_tokens: int) -> dict[str, Any
         t0 = time.perf_counter()
         outs = await asyncio.gather(*(collect(engine, p, max_tokens) for p in load))
         wall = time.perf_counter() - t0
-        tokens = sum(len(o) for o in outs)
+        generated = sum(len(o) for o in outs)
         peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
         return {
             "device": info.device,
@@ -91,9 +93,9 @@ async def check(model_path: Path, device: str, max_tokens: int) -> dict[str, Any
             "kv_block_size": info.kv_block_size,
             "parity_equal": equal,
             "parity_requests": len(batch),
-            "c16_output_tokens": tokens,
+            "c16_output_tokens": generated,
             "c16_wall_s": round(wall, 3),
-            "c16_output_tok_s": round(tokens / wall, 1),
+            "c16_output_tok_s": round(generated / wall, 1),
             "peak_gpu_memory_gib": round(peak / 2**30, 3) if peak is not None else None,
         }
     finally:

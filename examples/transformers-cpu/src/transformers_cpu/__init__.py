@@ -1,4 +1,5 @@
 """transformers-cpu: a Dynamo 1.6.x backend on the vendored ``backend_common`` runtime.
 
-Run it with ``python -m transformers_cpu --help``; the engine is ``engine.TransformersCpuEngine``.
+Run it with ``python -m transformers_cpu --help``; the engine is
+``engine.TransformersCpuEngine``.
 """

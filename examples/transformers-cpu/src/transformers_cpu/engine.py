@@ -84,7 +84,7 @@ class TransformersCpuEngine(LLMEngine):
         return cls(settings_from_args(args, model_path), model=config.public_name)
 
     @classmethod
-    def from_args(cls, argv: list[str] | None = None) -> tuple[Self, WorkerConfig]:
+    def from_args(cls, argv: list[str] | None = None) -> tuple[TransformersCpuEngine, WorkerConfig]:
         from .args import from_args
 
         return from_args(argv, cls)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from backend_common import ThreadFeed
 from backend_common.errors import engine_shutdown, invalid_arg, unknown
@@ -211,7 +211,7 @@ class EngineCore:
         model = AutoModelForCausalLM.from_pretrained(
             s.model_path, dtype=_resolve_dtype(s.dtype, device), attn_implementation="sdpa"
         )
-        model.to(device)
+        model = cast(Any, model).to(device)
         model.eval()
         gen = getattr(model, "generation_config", None) or GenerationConfig()
         text_config = model.config.get_text_config()
@@ -402,7 +402,7 @@ def _make_manager(core: EngineCore, model: Any, gen: Any, cb: Any, sampler: Any)
     class Manager(ContinuousBatchingManager):
         def __init__(self) -> None:
             super().__init__(model=model, generation_config=gen, continuous_batching_config=cb)
-            self.output_router = _FeedRouter(core)
+            self.output_router = cast(Any, _FeedRouter(core))
             # Our processor is the only one: it is what makes sampling per request.
             lp = self.logit_processor
             lp.logits_processor = LogitsProcessorList([sampler])
