@@ -267,7 +267,7 @@ SETTINGS: tuple[Setting, ...] = (
         "event_plane",
         "DYN_EVENT_PLANE",
         None,
-        "KV event plane; unset: nats when NATS_SERVER is set, else none (only nats is supported)",
+        "KV event plane; unset: zmq, as in Dynamo 1.6.1 (also when NATS_SERVER is set)",
         flag="--event-plane",
         choices=("nats", "zmq"),
     ),
@@ -355,6 +355,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("tcp_host", "DYN_TCP_RPC_HOST", "127.0.0.1", "TCP request plane bind address"),
     Setting("tcp_port", "DYN_TCP_RPC_PORT", 0, "TCP request plane port (0: any)", parse=int),
+    Setting(
+        "event_plane_host",
+        "DYN_EVENT_PLANE_HOST",
+        "127.0.0.1",
+        "ZMQ event plane: the address its sockets bind and advertise",
+    ),
     Setting("system_host", "DYN_SYSTEM_HOST", "127.0.0.1", "status server bind address"),
     Setting(
         "system_port",
@@ -612,9 +618,6 @@ def worker_config_from_args(args: argparse.Namespace, **overrides: Any) -> Worke
             values[s.field] = _from_env(s)
     values["etcd"] = EtcdOptions(**sub["etcd"])
     values["nats"] = NatsOptions(**sub["nats"])
-    if values["event_plane"] is None and _env("NATS_SERVER"):
-        # Dynamo picks NATS when a NATS server is configured and no plane was named.
-        values["event_plane"] = "nats"
     values.update(overrides)
     return WorkerConfig(**values)
 

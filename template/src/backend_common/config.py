@@ -141,6 +141,8 @@ class WorkerConfig:
     file_kv: str | None = None
     tcp_host: str = "127.0.0.1"
     tcp_port: int = 0
+    # Host of the ZMQ event plane's PUB sockets: bound and advertised (DYN_EVENT_PLANE_HOST).
+    event_plane_host: str = "127.0.0.1"
     system_host: str = "127.0.0.1"
     system_port: int | None = None
     etcd: EtcdOptions = field(default_factory=EtcdOptions)

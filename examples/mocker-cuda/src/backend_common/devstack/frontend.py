@@ -192,8 +192,9 @@ class Frontend:
     ``workdir`` holds the log (``frontend.log``), the scratch ``home/`` and ``hf/``
     directories and, for file discovery without an explicit ``file_kv``, ``filekv/``.
     ``router_mode`` None keeps the frontend default (round-robin); ``event_plane`` None
-    keeps its default (zmq). Workers of a zmq stack must run with KV events disabled
-    (``--disable-kv-routing``) or ``--event-plane nats``: ZMQ publishers bind 0.0.0.0.
+    keeps its default (zmq). Dynamo's own workers of a zmq stack must run with KV events
+    disabled (``--disable-kv-routing``) or ``--event-plane nats``: their ZMQ publishers bind
+    0.0.0.0. backend_common workers bind theirs on ``DYN_EVENT_PLANE_HOST`` (127.0.0.1 here).
     """
 
     def __init__(
