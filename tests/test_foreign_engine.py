@@ -4,8 +4,8 @@
   and serves; the worker reads the served name and the parsers from the engine's flags.
 * Every ``DynamoError`` category raised by ``generate`` before its first item and mid-stream:
   what the frontend returns (HTTP status, SSE error event, whether ``--migration-limit``
-  retries it on another worker). The observed table is ``backend_common/docs/errors.md``'s; the test fails
-  when the two differ (``UPDATE_ERROR_TABLE=1`` rewrites the document's table instead).
+  retries it on another worker). The observed table is ``backend_common/docs/errors.md``'s;
+  the test fails when the two differ (``UPDATE_ERROR_TABLE=1`` rewrites the table instead).
 """
 
 from __future__ import annotations

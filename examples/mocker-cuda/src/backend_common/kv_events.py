@@ -1,9 +1,11 @@
-"""KV cache events for Dynamo's KV-aware router and the NATS event plane.
+"""KV cache events for Dynamo's KV-aware router, on the NATS or the ZMQ event plane.
 
 Wire format: docs/wire-protocol.md#kv-events; the engine's side:
-docs/contract.md#kv-events-and-snapshots. The ZMQ event plane (1.6.1's default) is
-``zmq_event_plane``; an engine that publishes its events on its own ZMQ socket, as vLLM and
-SGLang do, returns a ``ZmqSource`` instead of a ``PushSource`` (see ``runtime.zmq_source``).
+docs/contract.md#kv-events-and-snapshots.
+
+The ZMQ event plane (1.6.1's default) is ``zmq_event_plane``; an engine that publishes
+its events on its own ZMQ socket, as vLLM and SGLang do, returns a ``ZmqSource`` instead
+of a ``PushSource`` (see ``runtime.zmq_source``).
 
 An engine that wants ``--router-mode kv`` to send repeated prefixes back to it
 returns one ``PushSource`` per data-parallel rank from ``kv_event_sources()``::
@@ -65,7 +67,7 @@ import msgpack
 try:
     import xxhash
 except ImportError:  # a runtime dependency; guarded so the worker imports without it
-    xxhash = None
+    xxhash = None  # type: ignore[assignment]
 
 from .errors import invalid_arg
 
