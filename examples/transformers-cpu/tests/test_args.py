@@ -21,12 +21,11 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Flags must decide, not whatever DYN_* the developer's shell exports."""
     for name in ("DYN_REQUEST_PLANE", "DYN_DISAGGREGATION_MODE", "DYN_MODEL_NAME"):
         monkeypatch.delenv(name, raising=False)
-    # The engine needs a causal LM directory; from_args reads only its config.json.
+    # These tests are about the command line, not the model: every engine gets this
+    # directory (tests/test_transformers.py checks --model-path itself).
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
-    (model / "model.safetensors").write_bytes(b"")
-    monkeypatch.setenv("DYN_MODEL_PATH", str(model))
+    monkeypatch.setattr("transformers_cpu.engine.check_model_path", lambda _path: str(model))
 
 
 def test_from_args_builds_the_engine_and_its_config() -> None:
