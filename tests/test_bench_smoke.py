@@ -75,5 +75,5 @@ def test_bench_smoke_writes_result_and_chart(frontend_python: str, tmp_path: Pat
     # Ratios are computed from this run's own numbers, for every level both targets ran.
     assert set(result["ratios"]) == {"a/c"}
     assert set(result["ratios"]["a/c"]) == {str(c) for c in plan}
-    assert {g["goal"] for g in result["goals"]} >= {"(a) tok/s >= 1.2x (c) at c=16"}
+    assert {g["goal"] for g in result["goals"]} >= {"(a) tok/s >= 1.5x (c) at c=16"}
     assert "(a) backend_common reference" in proc.stdout  # the printed table
