@@ -37,7 +37,7 @@ from backend_common.devstack.tinymodel import write_tiny_model
 
 from .load import CONNECTION_MODE, PROMPT, LevelResult, run_level
 from .report import check_goals, format_table, ratios, timestamp, write_results
-from .targets import TARGETS, BenchStack, PeakRss, RunningTarget
+from .targets import TARGETS, BenchStack, PeakRss, ProcessStats, RunningTarget
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SETTLE_S = 1.0  # after the model is listed, before reading idle RSS
@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     p.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary dir)")
     p.add_argument("--frontend-python", help="python of the Dynamo 1.6.1 frontend venv")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        help="record py-spy profiles (collapsed stacks, <key>.txt) of our workers into this "
+        "directory while they are measured (needs `pip install py-spy`)",
+    )
     args = p.parse_args(argv)
     keys = args.targets or ("a,c" if args.smoke else ",".join(TARGETS))
     args.targets = [k.strip() for k in keys.split(",") if k.strip()]
@@ -149,7 +155,7 @@ def measure(
     order. The rounds of a level are pooled: throughput = tokens / summed wall time.
     """
     pooled: dict[tuple[str, int], list[LevelResult]] = {}
-    cpu: dict[tuple[str, int], list[float]] = {}
+    cpu: dict[tuple[str, int], list[dict[str, float]]] = {}
     peaks: dict[str, int] = {}
     keys = list(running)
     for r in range(rounds):
@@ -160,9 +166,7 @@ def measure(
                     entries[key].setdefault("error", "worker exited during the benchmark")
                     continue
                 rt = running[key]
-                level, cpu_s, peak = _run(
-                    _measured_level(rt, stack.base_url, c, n, warmup, max_tokens)
-                )
+                level, cpu_s, peak = _run(_measured_level(rt, stack, c, n, warmup, max_tokens))
                 pooled.setdefault((key, c), []).append(level)
                 cpu.setdefault((key, c), []).append(cpu_s)
                 if peak is not None:
@@ -187,9 +191,10 @@ def measure(
             summary = merged.summary()
             summary["warmup"] = warmup
             tokens = summary["output_tokens"]
-            cpu_s = sum(cpu[(key, c)])
-            summary["worker_cpu_s"] = round(cpu_s, 3)
-            summary["worker_cpu_s_per_1k_tokens"] = cpu_s / tokens * 1000 if tokens else None
+            for role in ("worker", "frontend", "client"):
+                cpu_s = sum(x[role] for x in cpu[(key, c)])
+                summary[f"{role}_cpu_s"] = round(cpu_s, 3)
+                summary[f"{role}_cpu_s_per_1k_tokens"] = cpu_s / tokens * 1000 if tokens else None
             summary["rounds_output_tokens_per_s"] = [
                 lv.summary()["output_tokens_per_s"] for lv in levels
             ]
@@ -198,19 +203,58 @@ def measure(
 
 
 async def _measured_level(
-    rt: RunningTarget, base_url: str, c: int, n: int, warmup: int, max_tokens: int
-) -> tuple[LevelResult, float, int | None]:
-    """One level; the worker's CPU seconds over the counted requests; its peak RSS meanwhile."""
+    rt: RunningTarget, stack: BenchStack, c: int, n: int, warmup: int, max_tokens: int
+) -> tuple[LevelResult, dict[str, float], int | None]:
+    """One level; CPU seconds of the worker, the frontend and this client (the load
+    generator) over the counted requests; the worker's peak RSS meanwhile."""
+    base_url = stack.base_url
     if warmup:
         await run_level(
             base_url, rt.model, concurrency=c, requests=warmup, warmup=0, max_tokens=max_tokens
         )
-    cpu0 = rt.stats.cpu_seconds()
+    assert stack.frontend is not None and stack.frontend.pid is not None
+    frontend = ProcessStats(stack.frontend.pid)
+    before = (rt.stats.cpu_seconds(), frontend.cpu_seconds(), time.process_time())
     with PeakRss(rt.stats) as peak:
         level = await run_level(
             base_url, rt.model, concurrency=c, requests=n, warmup=0, max_tokens=max_tokens
         )
-    return level, rt.stats.cpu_seconds() - cpu0, peak.peak_kib
+    after = (rt.stats.cpu_seconds(), frontend.cpu_seconds(), time.process_time())
+    cpu = {
+        role: b - a
+        for role, a, b in zip(("worker", "frontend", "client"), before, after, strict=True)
+    }
+    return level, cpu, peak.peak_kib
+
+
+def start_profilers(running: dict[str, RunningTarget], out: Path) -> list[subprocess.Popen]:
+    """One ``py-spy record --pid`` per worker of ours; stopped (and written) by SIGINT."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for key, rt in running.items():
+        if not rt.target.ours:
+            continue
+        argv = [spy, "record", "--pid", str(rt.proc.pid), "--rate", "250", "--format", "raw"]
+        argv += ["--output", str(out / f"{key}.txt")]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
+def stop_profilers(procs: list[subprocess.Popen]) -> None:
+    import signal
+
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _versions() -> dict[str, str | None]:
@@ -296,9 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: stack in {workdir}; targets {args.targets}; plan {plan}", flush=True)
         with BenchStack(workdir, frontend_python, model_dir) as stack:
             running: dict[str, RunningTarget] = {}
+            profilers: list[subprocess.Popen[bytes]] = []
             try:
                 running, entries = start_targets(stack, args.targets)
                 result["targets"] = entries
+                if args.profile is not None:
+                    profilers = start_profilers(running, args.profile)
                 measure(
                     stack,
                     running,
@@ -308,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_tokens=args.max_tokens,
                 )
             finally:
+                stop_profilers(profilers)
                 for rt in running.values():
                     rt.stop()
     result["duration_s"] = round(time.monotonic() - started, 1)
