@@ -316,7 +316,11 @@ class EngineAdapter:
                     # The frontend is gone (client disconnect): nothing more can be read.
                     return
                 try:
-                    home.send_item({"data": item.to_dict()})
+                    token_ids = item.plain_token_ids()
+                    if token_ids is not None:
+                        home.send_token_ids(token_ids)
+                    else:
+                        home.send_item({"data": item.to_dict()})
                 except WireError as exc:
                     # An item the codec cannot encode is the engine's bug, not the client's.
                     log.error("request %s: cannot encode engine item: %s", ctx.id(), exc)
