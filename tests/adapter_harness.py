@@ -11,7 +11,7 @@ import asyncio
 import json
 from typing import Any
 
-from backend_common.adapter import EngineAdapter
+from backend_common.runtime.adapter import EngineAdapter
 from backend_common.transport.codec import ControlMessage, encode_two_part, sentinel_frame
 
 TIMEOUT_S = 10.0

@@ -18,7 +18,7 @@ from typing import Any
 from backend_common.config import WorkerConfig
 from backend_common.devstack.services import free_port
 from backend_common.engine import LLMEngine
-from backend_common.worker import Worker
+from backend_common.runtime.worker import Worker
 
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0

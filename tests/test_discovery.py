@@ -36,7 +36,7 @@ from backend_common.discovery.base import (
 from backend_common.discovery.etcd import EtcdDiscovery, parse_endpoints
 from backend_common.discovery.file import FileDiscovery, decode_key, encode_key
 from backend_common.errors import BackendError, DynamoError
-from backend_common.modelcard import build_model_card
+from backend_common.runtime.modelcard import build_model_card
 
 BIG_ID = 0xDAD5340EA7BB83A8  # above 2^63, as observed from the file backend
 
@@ -533,7 +533,7 @@ async def test_real_frontend_lists_and_drops_our_registration(tmp_path: Path, ba
     import socket
 
     from backend_common.devstack.frontend import Frontend
-    from backend_common.status import StatusServer
+    from backend_common.runtime.status import StatusServer
 
     python = _frontend_python()
     model_dir = write_tiny_model(tmp_path / "tiny")

@@ -20,11 +20,11 @@ from inproc_worker import file_config, running_worker
 from backend_common import GenerateContext, LLMEngineOutput, PreprocessedRequest
 from backend_common.args import add_common_args, worker_config_from_args
 from backend_common.errors import unknown
-from backend_common.health import (
+from backend_common.reference import ReferenceEngine
+from backend_common.runtime.health import (
     build_health_check_payload,
     resolve_health_check_payload,
 )
-from backend_common.reference import ReferenceEngine
 
 ENGINE_PAYLOAD = {"token_ids": [3], "stop_conditions": {"max_tokens": 1}}
 

@@ -33,8 +33,8 @@ from backend_common.devstack.services import (
 from backend_common.discovery.base import instance_key
 from backend_common.discovery.etcd import EtcdDiscovery
 from backend_common.errors import BackendError, DynamoError
-from backend_common.nats_options import nats_connect_options, redact_url
-from backend_common.status import StatusServer
+from backend_common.runtime.status import StatusServer
+from backend_common.transport.nats_options import nats_connect_options, redact_url
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -12,10 +12,10 @@ import pytest
 from adapter_harness import run_request
 
 from backend_common import DisaggregationMode, GenerateContext, LLMEngineOutput, PreprocessedRequest
-from backend_common.adapter import EngineAdapter
 from backend_common.config import EngineConfig
 from backend_common.errors import invalid_arg
 from backend_common.reference import ReferenceEngine
+from backend_common.runtime.adapter import EngineAdapter
 
 sdk_trace = pytest.importorskip("opentelemetry.sdk.trace", reason="opentelemetry-sdk not installed")
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
     InMemorySpanExporter,
 )
 
-from backend_common import tracing  # noqa: E402
+from backend_common.runtime import tracing  # noqa: E402
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"

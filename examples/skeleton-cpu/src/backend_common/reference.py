@@ -189,7 +189,7 @@ class ReferenceEngine(LLMEngine):
 
 
 def main() -> None:
-    from .runner import run
+    from .runtime.runner import run
 
     run(ReferenceEngine)
 

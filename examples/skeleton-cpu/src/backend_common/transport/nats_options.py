@@ -23,7 +23,7 @@ import ssl
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import invalid_arg
+from ..errors import invalid_arg
 
 __all__ = ["nats_connect_options", "redact_url"]
 

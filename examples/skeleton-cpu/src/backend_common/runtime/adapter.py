@@ -35,29 +35,29 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .config import DisaggregationMode, EngineConfig
-from .context import GenerateContext
-from .engine import LLMEngine
-from .errors import (
+from ..config import DisaggregationMode, EngineConfig
+from ..context import GenerateContext
+from ..engine import LLMEngine
+from ..errors import (
     DynamoError,
     from_exception,
     invalid_arg,
     response_timeout,
     stream_incomplete,
 )
-from .metrics import WorkerMetrics
-from .request_policy import check_request
-from .tracing import GenerateTracer
-from .transport.callhome import CallHome
-from .transport.codec import (
+from ..transport.callhome import CallHome
+from ..transport.codec import (
     ControlMessage,
     WireError,
     decode_payload,
     decode_two_part,
     parse_control,
 )
-from .types import FinishReason, LLMEngineOutput, PreprocessedRequest
-from .validate import ContractViolation, maybe_validated
+from ..types import FinishReason, LLMEngineOutput, PreprocessedRequest
+from ..validate import ContractViolation, maybe_validated
+from .metrics import WorkerMetrics
+from .request_policy import check_request
+from .tracing import GenerateTracer
 
 __all__ = ["ActiveRequest", "EngineAdapter"]
 

@@ -47,10 +47,9 @@ import sys
 import time
 from typing import Any
 
-from .adapter import EngineAdapter
-from .config import EngineConfig, WorkerConfig
-from .discovery import create_discovery
-from .discovery.base import (
+from ..config import EngineConfig, WorkerConfig
+from ..discovery import create_discovery
+from ..discovery.base import (
     MDC_BUCKET,
     Discovery,
     endpoint_record,
@@ -60,15 +59,17 @@ from .discovery.base import (
     nats_transport,
     tcp_transport,
 )
-from .engine import LLMEngine
-from .errors import from_exception
+from ..engine import LLMEngine
+from ..errors import from_exception
+from ..kv_events import EventPlane
+from ..transport.tcp import TcpRequestServer
+from ..types import FinishReason, PreprocessedRequest
+from .adapter import EngineAdapter
 from .health import resolve_health_check_payload
-from .kv_events import EventPlane, setup_kv_routing
+from .kv_routing import setup_kv_routing
 from .metrics import WorkerMetrics
 from .modelcard import build_model_card
 from .status import StatusServer
-from .transport.tcp import TcpRequestServer
-from .types import FinishReason, PreprocessedRequest
 
 __all__ = ["Worker"]
 
@@ -193,6 +194,7 @@ class Worker:
 
         try:
             await self._setup_observability(load_time)
+            self.adapter = self._build_adapter()
             await self._start_request_plane()
             await self._register()
         except Exception as exc:  # noqa: BLE001
@@ -227,6 +229,7 @@ class Worker:
         return 1
 
     async def _setup_observability(self, load_time: float) -> None:
+        """The worker's metrics (with the engine's on the same registry) and the canary."""
         cfg, ec = self.config, self.engine_config
         assert ec is not None
         self.metrics = WorkerMetrics(
@@ -245,8 +248,14 @@ class Worker:
         self._health_payload = await resolve_health_check_payload(
             cfg.health_check_payload, self.engine
         )
-        self.adapter = EngineAdapter(
-            self.engine, mode=cfg.disaggregation_mode, metrics=self.metrics, engine_config=ec
+
+    def _build_adapter(self) -> EngineAdapter:
+        assert self.engine_config is not None
+        return EngineAdapter(
+            self.engine,
+            mode=self.config.disaggregation_mode,
+            metrics=self.metrics,
+            engine_config=self.engine_config,
         )
 
     async def _start_request_plane(self) -> None:
@@ -255,13 +264,13 @@ class Worker:
         if cfg.request_plane == "nats":
             import nats
 
-            from .nats_options import nats_connect_options
-            from .transport.nats import NatsRequestServer, nats_subject
+            from ..transport.nats import NatsRequestServer, nats_subject
+            from ..transport.nats_options import nats_connect_options
 
             self._nats = await nats.connect(**nats_connect_options(cfg.nats_server))
             subject = nats_subject(cfg.namespace, cfg.component, cfg.endpoint, self.instance_id)
             self._nats_server = NatsRequestServer(
-                self._nats, subject, admit=self._admit_nats, handle=self.adapter.handle
+                self._nats, subject, admit=self._admission_refusal, handle=self.adapter.handle
             )
             await self._nats_server.start()
         else:
@@ -283,7 +292,7 @@ class Worker:
         cfg = self.config
         ns, comp, ep = cfg.namespace, cfg.component, cfg.endpoint
         if cfg.request_plane == "nats":
-            from .transport.nats import nats_subject
+            from ..transport.nats import nats_subject
 
             transport = nats_transport(nats_subject(ns, comp, ep, instance_id))
         else:
@@ -336,7 +345,7 @@ class Worker:
         assert self._discovery is not None
         if self._nats_server is not None:
             # The NATS subject embeds the instance id: listen on the new one too.
-            from .transport.nats import nats_subject
+            from ..transport.nats import nats_subject
 
             cfg = self.config
             await self._nats_server.add_subject(
@@ -352,9 +361,10 @@ class Worker:
     def _admit(self, path: str) -> str | None:
         if not path.endswith(self._endpoint_suffix):
             return f"Server unavailable: unknown endpoint {path}"
-        return self._admit_nats(path)
+        return self._admission_refusal(path)
 
-    def _admit_nats(self, subject: str) -> str | None:
+    def _admission_refusal(self, path_or_subject: str) -> str | None:
+        """Why a request addressed to this endpoint is refused now, or None to accept it."""
         if self._admission_closed:
             return "Server unavailable: worker is shutting down"
         self._last_admit = time.monotonic()
@@ -370,7 +380,7 @@ class Worker:
         return ok, {"status": "healthy" if ok else "unhealthy", "canary": detail}
 
     async def _run_canary(self) -> tuple[bool, str]:
-        from .context import GenerateContext
+        from ..context import GenerateContext
 
         try:
             request = PreprocessedRequest.from_dict(dict(self._health_payload or {}))

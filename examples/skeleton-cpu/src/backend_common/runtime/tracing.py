@@ -35,9 +35,9 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from .config import DisaggregationMode
-from .context import GenerateContext
-from .types import LLMEngineOutput, PreprocessedRequest
+from ..config import DisaggregationMode
+from ..context import GenerateContext
+from ..types import LLMEngineOutput, PreprocessedRequest
 
 __all__ = [
     "SPAN_NAME",
@@ -220,7 +220,7 @@ class GenerateTracer:
                         span.set_attribute("itl_max_ms", ordered[-1])
                 yield item
         except BaseException as exc:
-            from .errors import from_exception
+            from ..errors import from_exception
 
             if isinstance(exc, Exception):
                 err = from_exception(exc)

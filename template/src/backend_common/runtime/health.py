@@ -25,10 +25,10 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from .args import parse_health_check_payload
+from ..args import parse_health_check_payload
 
 if TYPE_CHECKING:
-    from .engine import LLMEngine
+    from ..engine import LLMEngine
 
 __all__ = [
     "HEALTH_CHECK_ENV",

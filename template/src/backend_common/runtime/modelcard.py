@@ -35,8 +35,8 @@ from urllib.parse import quote
 
 import blake3
 
-from .config import DisaggregationMode, EngineConfig, WorkerConfig
-from .errors import invalid_arg
+from ..config import DisaggregationMode, EngineConfig, WorkerConfig
+from ..errors import invalid_arg
 
 __all__ = [
     "REQUIRED_FILES",

@@ -21,9 +21,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
-from .config import WorkerConfig
-from .engine import LLMEngine
-from .errors import from_exception
+from ..config import WorkerConfig
+from ..engine import LLMEngine
+from ..errors import from_exception
 from .log import configure_logging
 from .worker import Worker
 
