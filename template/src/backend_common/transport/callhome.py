@@ -157,6 +157,12 @@ class CallHome:
         return self._closed or self.peer_closed or self._transport.is_closing()
 
     @property
+    def backlogged(self) -> bool:
+        """Frames of more than one item wait for this iteration's flush, or the transport
+        holds unsent bytes: the writer should ``drain()``."""
+        return len(self._pending) > 1 or self._transport.get_write_buffer_size() > 0
+
+    @property
     def finished(self) -> bool:
         return self._finished
 

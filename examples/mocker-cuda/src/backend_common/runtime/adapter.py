@@ -63,8 +63,10 @@ __all__ = ["ActiveRequest", "EngineAdapter"]
 
 log = logging.getLogger(__name__)
 
-# Yield to the event loop every this many items, so that an engine producing
-# tokens without awaiting cannot starve other streams or delay a `kill`.
+# Every this many items, drain and yield to the event loop when frames are backing up (the
+# engine produced several without awaiting, or the socket buffer is not empty), so that such an
+# engine cannot starve other streams, delay a `kill` or grow the buffer without bound. An engine
+# that suspends per token (the usual case) costs no extra loop iteration.
 YIELD_EVERY = 16
 
 STREAM_TIMEOUT_ENV = "DYN_ENGINE_STREAM_TIMEOUT_SECS"
@@ -336,7 +338,9 @@ class EngineAdapter:
                         log.debug("request %s ended with error: %s", ctx.id(), item.error_message)
                     break
                 count += 1
-                if count % YIELD_EVERY == 0:
+                if count % YIELD_EVERY == 0 and home.backlogged:
+                    # The engine did not suspend since the last flush, or the socket is behind:
+                    # apply back-pressure and give other streams (and a `kill`) a turn.
                     await home.drain()
                     await asyncio.sleep(0)
         except ContractViolation as exc:
