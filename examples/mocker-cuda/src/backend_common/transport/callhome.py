@@ -249,8 +249,10 @@ class CallHome:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._writer.close()
+        # asyncio.timeout, not wait_for: no extra task per request.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+            async with asyncio.timeout(1.0):
+                await self._writer.wait_closed()
 
     def _mark_peer_gone(self) -> None:
         if self.peer_closed:
