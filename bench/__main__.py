@@ -191,6 +191,10 @@ def measure(
             summary = merged.summary()
             summary["warmup"] = warmup
             tokens = summary["output_tokens"]
+            wait_s = sum(x["worker_runq_wait"] for x in cpu[(key, c)])
+            summary["worker_runq_wait_s"] = round(wait_s, 3)
+            # Average number of the worker's threads that were ready but had no CPU.
+            summary["worker_runq_wait_per_s"] = wait_s / summary["wall_s"]
             for role in ("worker", "frontend", "client"):
                 cpu_s = sum(x[role] for x in cpu[(key, c)])
                 summary[f"{role}_cpu_s"] = round(cpu_s, 3)
@@ -206,7 +210,8 @@ async def _measured_level(
     rt: RunningTarget, stack: BenchStack, c: int, n: int, warmup: int, max_tokens: int
 ) -> tuple[LevelResult, dict[str, float], int | None]:
     """One level; CPU seconds of the worker, the frontend and this client (the load
-    generator) over the counted requests; the worker's peak RSS meanwhile."""
+    generator) and the worker's run-queue wait over the counted requests; the worker's peak
+    RSS meanwhile."""
     base_url = stack.base_url
     if warmup:
         await run_level(
@@ -214,16 +219,23 @@ async def _measured_level(
         )
     assert stack.frontend is not None and stack.frontend.pid is not None
     frontend = ProcessStats(stack.frontend.pid)
-    before = (rt.stats.cpu_seconds(), frontend.cpu_seconds(), time.process_time())
+    roles = ("worker", "frontend", "client", "worker_runq_wait")
+
+    def sample() -> tuple[float, ...]:
+        return (
+            rt.stats.cpu_seconds(),
+            frontend.cpu_seconds(),
+            time.process_time(),
+            rt.stats.runqueue_wait_seconds(),
+        )
+
+    before = sample()
     with PeakRss(rt.stats) as peak:
         level = await run_level(
             base_url, rt.model, concurrency=c, requests=n, warmup=0, max_tokens=max_tokens
         )
-    after = (rt.stats.cpu_seconds(), frontend.cpu_seconds(), time.process_time())
-    cpu = {
-        role: b - a
-        for role, a, b in zip(("worker", "frontend", "client"), before, after, strict=True)
-    }
+    after = sample()
+    cpu = {role: b - a for role, a, b in zip(roles, before, after, strict=True)}
     return level, cpu, peak.peak_kib
 
 

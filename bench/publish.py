@@ -114,12 +114,20 @@ def render_readme_section(result: dict[str, Any]) -> str:
         if cells:
             ratio_bits.append(f"({ours})/({theirs}) " + ", ".join(cells))
     host = result["host"]
+    cpu_bits = []
+    for key in ("a", "c", "b", "d"):
+        lv = _level(result["targets"].get(key) or {}, 64)
+        if lv and lv.get("worker_cpu_s_per_1k_tokens") is not None:
+            cpu_bits.append(f"({key}) {lv['worker_cpu_s_per_1k_tokens'] * 1000:.0f} ms")
     lines.append(
         "Output tokens/s ratios: " + "; ".join(ratio_bits) + ". "
-        f"One run ({result['timestamp']}) on {host['cpus']} cores shared with other jobs "
-        f"(load average {_f(host['loadavg_at_start'][0])} at the start, "
-        f"{_f(host.get('loadavg_at_end', [None])[0])} at the end): the ratios move "
-        "from run to run; the worker CPU per token in docs/benchmark.md is steadier."
+        f"Worker CPU per 1000 output tokens at c=64: {', '.join(cpu_bits)}. "
+        f"One run ({result['timestamp']}, {_f(result.get('duration_s', 0) / 60)} minutes) on "
+        f"{host['cpus']} cores shared with other jobs (load average "
+        f"{_f(host['loadavg_at_start'][0])} at the start, "
+        f"{_f(host.get('loadavg_at_end', [None])[0])} at the end): the workers waited for a "
+        "CPU much of the time, so the throughput ratios move from run to run; the CPU per "
+        "token is the steadier figure."
     )
     lines += ["", END]
     return "\n".join(lines)
@@ -252,15 +260,17 @@ def render_doc(
         "(near 0 when several arrive in one read). Events/req: SSE events with text per request;",
         "tok/event: output tokens per such event (1.00 = one token per event). CPU: seconds of",
         "CPU per 1000 output tokens of the worker's process tree, the frontend and the load",
-        "generator, over the counted requests.",
+        "generator, over the counted requests. Run-queue wait: how many of the worker's",
+        "threads were, on average, ready to run but waiting for a CPU (from",
+        "`/proc/<pid>/task/*/schedstat`; on a machine with spare cores it stays near 0).",
         "",
         "| target | c | out tok/s | req/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | events/req"
-        " | tok/event | errors | worker CPU | frontend CPU | client CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | tok/event | errors | worker CPU | frontend CPU | client CPU | worker run-queue wait |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, t in result["targets"].items():
         if t.get("error"):
-            out.append(f"| ({key}) | FAILED: {t['error'][:100]} |" + " |" * 12)
+            out.append(f"| ({key}) | FAILED: {t['error'][:100]} |" + " |" * 13)
             continue
         for lv in t["levels"]:
             out.append(
@@ -271,7 +281,8 @@ def render_doc(
                 f"{_f(lv.get('tokens_per_event'), 2)} | {lv['errors']} | "
                 f"{_f(lv.get('worker_cpu_s_per_1k_tokens'), 4)} | "
                 f"{_f(lv.get('frontend_cpu_s_per_1k_tokens'), 4)} | "
-                f"{_f(lv.get('client_cpu_s_per_1k_tokens'), 4)} |"
+                f"{_f(lv.get('client_cpu_s_per_1k_tokens'), 4)} | "
+                f"{_f(lv.get('worker_runq_wait_per_s'), 2)} |"
             )
     out += [
         "",

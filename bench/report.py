@@ -106,7 +106,7 @@ def format_table(result: dict[str, Any]) -> str:
     head = (
         f"{'target':<36} {'c':>3} {'req/s':>7} {'out tok/s':>9} {'TTFT p50':>8} "
         f"{'TTFT p99':>8} {'ITL p50':>7} {'ITL p99':>7} {'ev/req':>6} {'tok/ev':>6} "
-        f"{'cpu/1k':>6} {'err':>3}"
+        f"{'cpu/1k':>6} {'runq':>5} {'err':>3}"
     )
     lines = [head, "-" * len(head)]
     for key, target in result["targets"].items():
@@ -121,11 +121,13 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{_fmt(lv['ttft_ms_p99'], 2):>8} {_fmt(lv['itl_ms_p50'], 3):>7} "
                 f"{_fmt(lv['itl_ms_p99'], 3):>7} {_fmt(lv.get('events_per_request')):>6} "
                 f"{_fmt(lv.get('tokens_per_event'), 2):>6} "
-                f"{_fmt(lv.get('worker_cpu_s_per_1k_tokens'), 3):>6} {lv['errors']:>3}"
+                f"{_fmt(lv.get('worker_cpu_s_per_1k_tokens'), 3):>6} "
+                f"{_fmt(lv.get('worker_runq_wait_per_s'), 2):>5} {lv['errors']:>3}"
             )
     lines.append(
         "(latencies in ms; ev/req: SSE events with text per request; cpu/1k: worker CPU "
-        "seconds per 1000 output tokens; " + result["config"]["connection"] + ")"
+        "seconds per 1000 output tokens; runq: worker threads ready but without a CPU, on "
+        "average; " + result["config"]["connection"] + ")"
     )
     lines.append("")
     lines.append("ratios ours/theirs (tok/s, TTFT p50, ITL p50):")

@@ -217,14 +217,36 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def _runqueue_wait_seconds(pid: int) -> float:
+    """Time the threads of ``pid`` spent runnable but waiting for a CPU (schedstat field 2)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
 class ProcessStats:
-    """CPU time and resident memory of a worker process tree (the worker and its children)."""
+    """CPU time, run-queue wait and resident memory of a process tree (the process and its
+    children)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
 
     def cpu_seconds(self) -> float:
         return sum(_cpu_seconds(p) for p in _descendants(self.pid))
+
+    def runqueue_wait_seconds(self) -> float:
+        """Summed over all threads: how long they were ready to run while other work (on this
+        shared machine: anything) held the CPUs."""
+        return sum(_runqueue_wait_seconds(p) for p in _descendants(self.pid))
 
     def rss_kib(self) -> int | None:
         values = [vm_rss_kib(p) for p in _descendants(self.pid)]

@@ -36,6 +36,7 @@ LEVEL_KEYS = {
     "worker_cpu_s_per_1k_tokens",
     "frontend_cpu_s_per_1k_tokens",
     "client_cpu_s_per_1k_tokens",
+    "worker_runq_wait_per_s",
 }
 
 
