@@ -304,6 +304,21 @@ def render_doc(
         "|---|---|---|",
     ]
     out += _goal_lines(result)
+    out += [
+        "",
+        "## Reading this run",
+        "",
+        "* Every target streams one token per SSE event (tok/event 1.00), so the frontend and",
+        "  the client do the same work per token behind each pair; what differs is the worker.",
+        "* The worker CPU per token is what the runtime costs. Throughput also depends on how",
+        "  much CPU each process gets: when the run-queue wait column is well above 0, the",
+        "  worker was ready but the machine's cores were busy (here: with other jobs too), and",
+        "  a worker with more threads (Dynamo's Rust runtime next to its Python engine) gets a",
+        "  larger share of a contended machine than a single-threaded Python worker.",
+        "* TTFT at concurrency > 1 is mostly queueing behind the other streams on the shared",
+        "  cores; at c=1 it is the per-request path (request plane, call-home connect, first",
+        "  token).",
+    ]
     if before is not None:
         out += [
             "",
