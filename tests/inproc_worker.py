@@ -31,6 +31,8 @@ def file_config(tmp_path: Path, **overrides: Any) -> WorkerConfig:
         file_kv=str(tmp_path / "filekv"),
         system_port=free_port(),
         event_plane=None,
+        # In-process workers leave at once: no frontend routes to them.
+        graceful_shutdown_grace_period=0.0,
     )
     values.update(overrides)
     return WorkerConfig(**values)

@@ -10,7 +10,6 @@ them to the event plane and to the engine's optional hooks.
 from __future__ import annotations
 
 import logging
-import os
 
 from prometheus_client import CollectorRegistry
 
@@ -22,13 +21,6 @@ from ..publisher import SnapshotPublisher
 __all__ = ["setup_kv_routing"]
 
 log = logging.getLogger(__name__)
-
-
-def _event_plane_kind(config: WorkerConfig) -> str | None:
-    # Dynamo picks NATS when a NATS server is configured and no plane was named.
-    if config.event_plane:
-        return config.event_plane
-    return "nats" if os.environ.get("NATS_SERVER") else None
 
 
 async def setup_kv_routing(
@@ -59,7 +51,8 @@ async def setup_kv_routing(
     if not sources and not ranks:
         return None
     plane: EventPlane | None = None
-    kind = _event_plane_kind(config)
+    # args.py resolves an unset plane: nats when NATS_SERVER is set (as Dynamo does).
+    kind = config.event_plane
     if kind == "nats":
         plane = await EventPlane.connect(
             config.nats_server, config.namespace, config.component, config.endpoint, worker_id

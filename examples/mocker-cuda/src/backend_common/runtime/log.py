@@ -1,14 +1,15 @@
-"""Logging set-up from ``DYN_LOG`` (Dynamo's filter syntax; ``RUST_LOG`` is not read).
+"""Logging set-up from a ``DYN_LOG`` filter (Dynamo's syntax; ``RUST_LOG`` is not read).
 
 ``DYN_LOG`` is a comma list: a bare level sets the root level, ``target=level``
 sets one logger (``backend_common=debug``). Levels: error, warn, info, debug,
-trace (= debug). Default ``info``. ``run`` calls ``configure_logging`` once.
+trace (= debug). Default ``info``. ``run`` calls ``configure_logging`` with
+``DYN_LOG`` before ``from_args``, and again if the ``WorkerConfig`` it got names
+another filter.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 __all__ = ["configure_logging"]
@@ -28,8 +29,8 @@ def _level(name: str) -> int | None:
     return _LEVELS.get(name.strip().lower())
 
 
-def configure_logging(spec: str | None = None) -> None:
-    spec = spec if spec is not None else os.environ.get("DYN_LOG", "info")
+def configure_logging(spec: str = "info") -> None:
+    """Apply the filter ``spec`` (``WorkerConfig.log_filter``; see the module docstring)."""
     root_level = logging.INFO
     targets: dict[str, int] = {}
     for part in (p.strip() for p in spec.split(",")):

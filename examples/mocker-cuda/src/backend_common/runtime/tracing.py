@@ -1,7 +1,7 @@
 """The ``engine.generate`` span around every request, on OpenTelemetry (optional dependency).
 
-Off unless ``OTEL_EXPORT_ENABLED`` is truthy (``1``/``true``/``yes``/``on``) and
-``opentelemetry-api`` is installed; then ``GenerateTracer.from_env(mode, model)``
+Off unless ``WorkerConfig.tracing`` (``OTEL_EXPORT_ENABLED``) is set and
+``opentelemetry-api`` is installed; then ``GenerateTracer.create(on, mode, model)``
 returns a tracer, else None, and the request adapter does not touch tracing at all
 (no per-item cost when off).
 
@@ -17,8 +17,9 @@ while the engine's generator runs, and records:
   ``itl_max_ms`` (nearest rank over the gaps between token items);
 * on an exception: ``error_kind`` (the ``ErrorType`` name), the exception, status ERROR.
 
-Engine code adds to it with ``current_span()`` (attributes, events) or opens child spans
-with ``start_span(name, **attrs)``; both are no-ops while tracing is off.
+Engine code adds to it with ``backend_common.spans.current_span()`` (attributes, events)
+or opens child spans with ``start_span(name, **attrs)``; both are no-ops while tracing is
+off.
 
 Export: the first tracer built installs an SDK ``TracerProvider`` exporting over OTLP
 (``opentelemetry-exporter-otlp``, standard ``OTEL_EXPORTER_OTLP_*`` variables) unless the
@@ -29,21 +30,26 @@ use an in-memory exporter).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any
 
 from ..config import DisaggregationMode
 from ..context import GenerateContext
+from ..spans import (
+    INSTRUMENTATION,
+    configure_export,
+    current_span,
+    set_tracer_provider,
+    start_span,
+    tracer,
+)
 from ..types import LLMEngineOutput, PreprocessedRequest
 
 __all__ = [
     "SPAN_NAME",
     "GenerateTracer",
+    "available",
     "current_span",
-    "enabled",
     "set_tracer_provider",
     "start_span",
 ]
@@ -51,105 +57,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPAN_NAME = "engine.generate"
-ENV = "OTEL_EXPORT_ENABLED"
-INSTRUMENTATION = "backend_common"
-
-_provider: Any = None
-_configured = False
 
 
-def enabled() -> bool:
-    """``OTEL_EXPORT_ENABLED`` is truthy and the OpenTelemetry API is importable."""
-    if os.environ.get(ENV, "").strip().lower() not in ("1", "true", "yes", "on"):
-        return False
+def available() -> bool:
+    """The OpenTelemetry API is importable (warns when it is not)."""
     try:
         import opentelemetry.trace  # noqa: F401
     except ImportError:
-        log.warning("%s is set but opentelemetry-api is not installed; tracing is off", ENV)
+        log.warning("tracing is on but opentelemetry-api is not installed; tracing is off")
         return False
     return True
-
-
-def set_tracer_provider(provider: Any) -> None:
-    """Use ``provider`` for the spans of tracers built from now on (instead of the global one)."""
-    global _provider, _configured
-    _provider = provider
-    _configured = True
-
-
-def _configure_export() -> None:
-    # Install an OTLP-exporting SDK provider once, unless the application has its own.
-    global _configured
-    if _configured:
-        return
-    _configured = True
-    from opentelemetry import trace
-
-    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-        return
-    try:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    except ImportError:
-        log.warning(
-            "tracing is on but opentelemetry-sdk / opentelemetry-exporter-otlp are not "
-            "installed: spans are created but not exported"
-        )
-        return
-    service = os.environ.get("OTEL_SERVICE_NAME", INSTRUMENTATION)
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
-
-
-def _tracer() -> Any:
-    from opentelemetry import trace
-
-    if _provider is not None:
-        return _provider.get_tracer(INSTRUMENTATION)
-    return trace.get_tracer(INSTRUMENTATION)
-
-
-class _NoopSpan:
-    """Stands in for a span while tracing is off: every call does nothing."""
-
-    def set_attribute(self, key: str, value: Any) -> None:
-        pass
-
-    def add_event(self, name: str, attributes: dict[str, Any] | None = None) -> None:
-        pass
-
-    def is_recording(self) -> bool:
-        return False
-
-    def __enter__(self) -> _NoopSpan:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-_NOOP = _NoopSpan()
-
-
-def current_span() -> Any:
-    """The current span (``engine.generate`` inside ``generate``); a no-op when tracing is off."""
-    try:
-        from opentelemetry import trace
-    except ImportError:
-        return _NOOP
-    span = trace.get_current_span()
-    return span if span.is_recording() else _NOOP
-
-
-def start_span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
-    """``with start_span("kv_load", blocks=8) as span:`` a child of the current span."""
-    span = current_span()
-    if span is _NOOP:
-        return nullcontext(_NOOP)
-    return _tracer().start_as_current_span(name, attributes=attributes or None)
 
 
 def _nearest_rank(sorted_values: list[float], q: float) -> float:
@@ -160,17 +77,22 @@ def _nearest_rank(sorted_values: list[float], q: float) -> float:
 class GenerateTracer:
     """Builds the ``engine.generate`` span of each request (see the module docstring)."""
 
-    def __init__(self, mode: DisaggregationMode, model: str) -> None:
+    def __init__(
+        self, mode: DisaggregationMode, model: str, service_name: str = INSTRUMENTATION
+    ) -> None:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        _configure_export()
+        configure_export(service_name)
         self.role = mode.value
         self.model = model
         self._propagator = TraceContextTextMapPropagator()
 
     @classmethod
-    def from_env(cls, mode: DisaggregationMode, model: str) -> GenerateTracer | None:
-        return cls(mode, model) if enabled() else None
+    def create(
+        cls, on: bool, mode: DisaggregationMode, model: str, service_name: str = INSTRUMENTATION
+    ) -> GenerateTracer | None:
+        """A tracer when ``on`` and OpenTelemetry is installed, else None (tracing off)."""
+        return cls(mode, model, service_name) if on and available() else None
 
     async def wrap(
         self,
@@ -183,7 +105,7 @@ class GenerateTracer:
         from opentelemetry.trace import Status, StatusCode
 
         parent = self._propagator.extract(ctx.trace_headers) if ctx.trace_headers else None
-        span = _tracer().start_span(
+        span = tracer().start_span(
             SPAN_NAME,
             context=parent,
             attributes={

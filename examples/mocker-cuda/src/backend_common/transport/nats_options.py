@@ -1,7 +1,8 @@
 """How the worker connects to NATS: servers, credentials, TLS, reconnects, log hygiene.
 
-``nats_connect_options(servers)`` returns the keyword arguments for ``nats.connect`` (nats-py);
-the worker calls it once at start-up when the request plane is NATS.
+``nats_connect_options(servers, options)`` returns the keyword arguments for ``nats.connect``
+(nats-py); the NATS request plane calls it once at start-up. ``options`` is
+``WorkerConfig.nats`` (``NatsOptions``), filled from the variables named below by ``args.py``.
 
 * Credentials travel in the ``NATS_SERVER`` URLs as nats-py reads them:
   ``nats://user:password@host:port`` or ``nats://token@host:port``; ``NATS_AUTH_TOKEN``
@@ -23,6 +24,7 @@ import ssl
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ..config import NatsOptions
 from ..errors import invalid_arg
 
 __all__ = ["nats_connect_options", "redact_url"]
@@ -42,10 +44,10 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
-def _tls_context(servers: list[str]) -> ssl.SSLContext | None:
-    ca = os.environ.get("NATS_TLS_CA") or None
-    cert = os.environ.get("NATS_TLS_CERT") or None
-    key = os.environ.get("NATS_TLS_KEY") or None
+def _tls_context(servers: list[str], options: NatsOptions) -> ssl.SSLContext | None:
+    ca = options.tls_ca or None
+    cert = options.tls_cert or None
+    key = options.tls_key or None
     wants_tls = any(s.strip().startswith("tls://") for s in servers)
     if not (ca or cert or key or wants_tls):
         return None
@@ -60,8 +62,9 @@ def _tls_context(servers: list[str]) -> ssl.SSLContext | None:
     return ctx
 
 
-def nats_connect_options(servers: str) -> dict[str, Any]:
+def nats_connect_options(servers: str, options: NatsOptions | None = None) -> dict[str, Any]:
     """Keyword arguments for ``nats.connect`` (see the module docstring)."""
+    options = options or NatsOptions()
     urls = [s.strip() for s in servers.split(",") if s.strip()]
     if not urls:
         raise invalid_arg("NATS_SERVER is empty")
@@ -76,7 +79,7 @@ def nats_connect_options(servers: str) -> dict[str, Any]:
     async def on_reconnected() -> None:
         log.info("NATS reconnected to %s", shown)
 
-    options: dict[str, Any] = {
+    kwargs: dict[str, Any] = {
         "servers": urls,
         "name": "backend_common",
         "max_reconnect_attempts": -1,
@@ -85,11 +88,10 @@ def nats_connect_options(servers: str) -> dict[str, Any]:
         "disconnected_cb": on_disconnected,
         "reconnected_cb": on_reconnected,
     }
-    token = os.environ.get("NATS_AUTH_TOKEN")
-    if token:
-        options["token"] = token
-    tls = _tls_context(urls)
+    if options.auth_token:
+        kwargs["token"] = options.auth_token
+    tls = _tls_context(urls, options)
     if tls is not None:
-        options["tls"] = tls
+        kwargs["tls"] = tls
     log.info("NATS connecting to %s%s", shown, " (TLS)" if tls is not None else "")
-    return options
+    return kwargs

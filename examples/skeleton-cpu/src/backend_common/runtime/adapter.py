@@ -1,12 +1,16 @@
-"""From an accepted request frame to a finished response stream.
+"""From an accepted request to a finished response stream.
 
-``EngineAdapter.handle(path, headers, body)`` is called by a request-plane
-server (TCP or NATS) once per accepted request, after the ACK went out. It
+``EngineAdapter.handle(incoming)`` is called by the request plane (TCP or NATS,
+``transport.plane``) once per accepted request, after the ACK went out and the
+control header was decoded. It
 
-1. decodes the TwoPart body (control header + ``PreprocessedRequest``);
-2. calls home to the frontend (handshake first, so the frontend's wait ends);
+1. calls home to the frontend (handshake first, so the frontend's wait ends);
+2. decodes the ``PreprocessedRequest`` (``incoming.decode()``) and checks it
+   (``request_policy``); a bad one gets a typed error prologue;
 3. runs ``engine.generate`` and writes each item as it comes;
 4. ends the stream with ``complete_final`` + ``sentinel``.
+
+The whole path, frame to engine and back: docs/architecture.md#path-of-one-request.
 
 Invariants:
 
@@ -28,12 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-
-from pydantic import ValidationError
 
 from ..config import DisaggregationMode, EngineConfig
 from ..context import GenerateContext
@@ -41,18 +42,12 @@ from ..engine import LLMEngine
 from ..errors import (
     DynamoError,
     from_exception,
-    invalid_arg,
     response_timeout,
     stream_incomplete,
 )
 from ..transport.callhome import CallHome
-from ..transport.codec import (
-    ControlMessage,
-    WireError,
-    decode_payload,
-    decode_two_part,
-    parse_control,
-)
+from ..transport.codec import WireError
+from ..transport.plane import IncomingRequest
 from ..types import FinishReason, LLMEngineOutput, PreprocessedRequest
 from ..validate import ContractViolation, maybe_validated
 from .metrics import WorkerMetrics
@@ -69,20 +64,8 @@ log = logging.getLogger(__name__)
 # that suspends per token (the usual case) costs no extra loop iteration.
 YIELD_EVERY = 16
 
-STREAM_TIMEOUT_ENV = "DYN_ENGINE_STREAM_TIMEOUT_SECS"
 # After a `kill` (client gone), how long an engine may ignore it before its task is cancelled.
 KILL_GRACE_S = 2.0
-
-
-def _env_seconds(name: str) -> float | None:
-    """A positive number of seconds from the environment; unset, 0 or invalid: None (off)."""
-    raw = os.environ.get(name, "").strip()
-    try:
-        value = float(raw) if raw else 0.0
-    except ValueError:
-        log.warning("%s=%r is not a number; the engine stream timeout is off", name, raw)
-        return None
-    return value if value > 0 and value == value else None
 
 
 async def _inactivity_bounded(
@@ -105,7 +88,7 @@ async def _inactivity_bounded(
                 if not bound.expired():
                     raise  # the engine's own TimeoutError
                 raise response_timeout(
-                    f"engine produced no output for {seconds:g}s ({STREAM_TIMEOUT_ENV})"
+                    f"engine produced no output for {seconds:g}s (DYN_ENGINE_STREAM_TIMEOUT_SECS)"
                 ) from None
             yield item
     finally:
@@ -131,22 +114,22 @@ class EngineAdapter:
         *,
         mode: DisaggregationMode = DisaggregationMode.AGGREGATED,
         metrics: WorkerMetrics | None = None,
-        validate: bool | None = None,
+        validate: bool = False,
         engine_config: EngineConfig | None = None,
         stream_timeout: float | None = None,
+        tracer: GenerateTracer | None = None,
     ) -> None:
         self.engine = engine
         self.mode = mode
         self.metrics = metrics
+        # Stream-rule checks on every stream (WorkerConfig.debug_validate).
         self.validate = validate
         # Limits for request_policy.check_request (context length, vocabulary size).
         self.engine_config = engine_config
-        # Longest wait for the engine's next item (DYN_ENGINE_STREAM_TIMEOUT_SECS; None: off).
-        self.stream_timeout = (
-            stream_timeout if stream_timeout is not None else _env_seconds(STREAM_TIMEOUT_ENV)
-        )
-        # The engine.generate span (OTEL_EXPORT_ENABLED); None: tracing off, no cost per item.
-        self.tracer = GenerateTracer.from_env(mode, engine_config.model if engine_config else "")
+        # Longest wait for the engine's next item (WorkerConfig.engine_stream_timeout; None: off).
+        self.stream_timeout = stream_timeout
+        # The engine.generate span (WorkerConfig.tracing); None: tracing off, no cost per item.
+        self.tracer = tracer
         self.active: dict[str, ActiveRequest] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -227,23 +210,11 @@ class EngineAdapter:
             log.debug("engine.abort raised; ignoring", exc_info=True)
 
     # -- one request -------------------------------------------------------------
-    async def handle(self, path: str, headers: dict[str, str], body: bytes) -> None:
-        try:
-            header, payload = decode_two_part(body)
-            control = parse_control(header)
-        except WireError as exc:
-            # Without a control header there is no address to answer on.
-            log.warning("dropping undecodable request on %s: %s", path, exc)
-            return
-        if control.transport != "tcp_server":
-            log.warning(
-                "request %s: unsupported response transport %r", control.id, control.transport
-            )
-            return
+    async def handle(self, incoming: IncomingRequest) -> None:
+        """Serve one accepted request to its end. Never raises (see the module invariants)."""
+        control = incoming.control
         entry = self.new_entry(
-            control.id,
-            metadata=control.metadata,
-            trace_headers={k: v for k, v in headers.items() if k in ("traceparent", "tracestate")},
+            control.id, metadata=control.metadata, trace_headers=incoming.trace_headers
         )
         entry.task = asyncio.current_task()
         self.active[control.id] = entry
@@ -252,7 +223,7 @@ class EngineAdapter:
             self.metrics.request_started()
         started = time.monotonic()
         try:
-            await self._serve(control, payload, entry)
+            await self._serve(incoming, entry)
         except Exception:  # noqa: BLE001 - last line of defence: log, never crash
             log.exception("request %s failed in the worker", control.id)
         finally:
@@ -262,8 +233,8 @@ class EngineAdapter:
             if self.metrics is not None:
                 self.metrics.request_finished(time.monotonic() - started)
 
-    async def _serve(self, control: ControlMessage, payload: bytes, entry: ActiveRequest) -> None:
-        ctx = entry.ctx
+    async def _serve(self, incoming: IncomingRequest, entry: ActiveRequest) -> None:
+        control, ctx = incoming.control, entry.ctx
 
         def on_control(kind: str) -> None:
             self._cancel(entry, kill=(kind == "kill"))
@@ -277,14 +248,7 @@ class EngineAdapter:
             return
         try:
             try:
-                request = PreprocessedRequest.from_dict(
-                    decode_payload(payload, control.payload_codec)
-                )
-            except (WireError, ValidationError, TypeError, ValueError) as exc:
-                err = invalid_arg(f"malformed request body: {_short(exc)}")
-                home.send_prologue(err.message, typed_error=_typed(err))
-                return
-            try:
+                request = incoming.decode()
                 check_request(request, self.engine_config, self.mode)
             except DynamoError as err:
                 home.send_prologue(err.message, typed_error=_typed(err))
@@ -302,7 +266,7 @@ class EngineAdapter:
         stream = None
         try:
             stream = maybe_validated(
-                self.engine.generate(request, ctx), self.mode, force=self.validate
+                self.engine.generate(request, ctx), self.mode, on=self.validate
             )
             if self.stream_timeout:
                 stream = _inactivity_bounded(stream, self.stream_timeout)
@@ -382,8 +346,3 @@ class EngineAdapter:
 
 def _typed(err: DynamoError) -> dict[str, str]:
     return {"error_type": err.wire_error_type(), "message": err.message}
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).replace("\n", " ")
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -4,10 +4,11 @@
 ``setup_metrics``. Precedence, as in Dynamo's workers:
 
 1. ``override``: ``WorkerConfig.health_check_payload`` (the ``--health-check-payload``
-   flag, which itself defaults to ``DYN_HEALTH_CHECK_PAYLOAD``);
-2. the environment variable ``DYN_HEALTH_CHECK_PAYLOAD`` (JSON object or ``@file``),
-   for a ``WorkerConfig`` built in code;
-3. ``await engine.health_check_payload()``.
+   flag, which itself defaults to ``DYN_HEALTH_CHECK_PAYLOAD``; both read in ``args.py``);
+2. ``await engine.health_check_payload()``.
+
+An operator payload that is set but invalid disables the canary
+(``WorkerConfig.health_check_disabled``; the worker then does not call this at all).
 
 The first one that is set wins (an operator payload fully replaces the engine's, even
 ``{}``). Whatever wins must be a JSON object, else the canary is disabled with a
@@ -22,16 +23,12 @@ greedy, ``max_tokens=1``, ``ignore_eos``.
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Any
-
-from ..args import parse_health_check_payload
 
 if TYPE_CHECKING:
     from ..engine import LLMEngine
 
 __all__ = [
-    "HEALTH_CHECK_ENV",
     "HEALTH_CHECK_KEY",
     "build_health_check_payload",
     "resolve_health_check_payload",
@@ -41,7 +38,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HEALTH_CHECK_KEY = "_HEALTH_CHECK"
-HEALTH_CHECK_ENV = "DYN_HEALTH_CHECK_PAYLOAD"
 
 
 def build_health_check_payload(
@@ -70,12 +66,9 @@ def stamp_canary_marker(payload: Any) -> dict[str, Any] | None:
 async def resolve_health_check_payload(
     override: dict[str, Any] | None, engine: LLMEngine
 ) -> dict[str, Any] | None:
-    """The canary payload by precedence override > env > engine (see the module docstring)."""
+    """The canary payload by precedence override > engine (see the module docstring)."""
     if override is not None:
         return stamp_canary_marker(override)
-    if os.environ.get(HEALTH_CHECK_ENV, "").strip():
-        # parse_health_check_payload warns and returns None for invalid values.
-        return stamp_canary_marker(parse_health_check_payload(os.environ[HEALTH_CHECK_ENV]))
     try:
         payload = await engine.health_check_payload()
     except Exception:  # noqa: BLE001 - a broken hook disables the canary, not the worker

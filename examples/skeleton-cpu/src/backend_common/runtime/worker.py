@@ -1,14 +1,19 @@
-"""The worker lifecycle: startup, serve, graceful shutdown (contract section 7).
+"""The worker lifecycle: startup, serve, graceful shutdown.
+
+The lifecycle and the measured reasons for the shutdown order:
+docs/architecture.md#lifecycle and docs/architecture.md#shutdown-sequence.
 
 ``Worker(engine, config).run()`` is the whole life of a backend process, in
 the order Dynamo's workers follow:
 
 startup
     signal handlers -> connect discovery -> ``engine.start(worker_id)`` ->
-    ``setup_metrics`` -> ``kv_event_sources`` -> request plane and status
-    server up -> model card and endpoint registered -> "Serving ...".
+    ``setup_metrics`` -> KV routing hooks -> health canary payload -> adapter ->
+    request plane and status server up -> model card and endpoint registered ->
+    "Serving ...".
 serve
-    the request plane hands each accepted request to the ``EngineAdapter``.
+    the request plane (``transport.plane.RequestPlane``) hands each accepted
+    request to the ``EngineAdapter``.
 shutdown (SIGTERM/SIGINT, first signal)
     admission stays open until the engine is cleaned up: every request that
     reaches the worker is served, because the 1.6.1 frontend (default flags)
@@ -16,7 +21,7 @@ shutdown (SIGTERM/SIGINT, first signal)
     1. delete the Model record(s) (``v1/mdc/...``): the frontend stops routing
        new requests here, and nothing in flight is touched (no Endpoint removal
        event yet); ``/health`` reports not ready;
-    2. grace period (``DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS``, default 5,
+    2. grace period (``config.graceful_shutdown_grace_period``, default 5 s,
        at least ``WITHDRAW_GAP_S``), then until no request arrived for
        ``QUIET_S``: requests that raced the withdrawal are served and their
        response streams connect;
@@ -24,7 +29,7 @@ shutdown (SIGTERM/SIGINT, first signal)
        cancels still-connecting streams of a removed instance, and by now there
        are none;
     4. ``engine.drain()``;
-    5. wait for in-flight streams up to ``DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT``
+    5. wait for in-flight streams up to ``config.graceful_shutdown_timeout``
        (default 30 s); streams still running then, and any request that arrives
        after it, are cancelled and end with a clean ``cancelled`` terminal,
        never a cut socket;
@@ -41,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
 import signal
 import sys
 import time
@@ -56,13 +60,11 @@ from ..discovery.base import (
     instance_key,
     model_key,
     model_record,
-    nats_transport,
-    tcp_transport,
 )
 from ..engine import LLMEngine
 from ..errors import from_exception
 from ..kv_events import EventPlane
-from ..transport.tcp import TcpRequestServer
+from ..transport.plane import RequestPlane, request_plane_for
 from ..types import FinishReason, PreprocessedRequest
 from .adapter import EngineAdapter
 from .health import resolve_health_check_payload
@@ -70,6 +72,7 @@ from .kv_routing import setup_kv_routing
 from .metrics import WorkerMetrics
 from .modelcard import build_model_card
 from .status import StatusServer
+from .tracing import GenerateTracer
 
 __all__ = ["Worker"]
 
@@ -77,7 +80,7 @@ log = logging.getLogger(__name__)
 
 # Shortest time between withdrawing the Model record and the Endpoint record, whatever the grace
 # period: the frontend needs a moment to stop routing (measured: 0 s gives 1 failed request in
-# 1220; see docs/reliability.md, "Rolling restart").
+# 1220; see docs/architecture.md#shutdown-sequence).
 WITHDRAW_GAP_S = 0.1
 # The Endpoint record is withdrawn only once no request arrived for this long (bounded by
 # QUIET_MAX_WAIT_S), so no response stream is still connecting when the frontend sees the removal.
@@ -85,20 +88,6 @@ QUIET_S = 0.05
 QUIET_MAX_WAIT_S = 2.0
 # After the shutdown deadline: how long streams (and late arrivals) get to end after cancellation.
 CANCEL_FLUSH_S = 5.0
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        log.warning("%s=%r is not a number; using %s", name, raw, default)
-        return default
-    if value != value or value < 0:  # NaN or negative
-        return 0.0 if value < 0 else default
-    return value
 
 
 class State(enum.Enum):
@@ -130,14 +119,11 @@ class Worker:
         self._draining = False
         self._last_admit = 0.0
         self._discovery: Discovery | None = None
-        self._tcp: TcpRequestServer | None = None
-        self._nats: Any = None
-        self._nats_server: Any = None
+        self._plane: RequestPlane | None = None
         self._status: StatusServer | None = None
         self._card: dict[str, Any] | None = None
         self._health_payload: dict[str, Any] | None = None
         self._events: EventPlane | None = None
-        self._endpoint_suffix = f"/{config.namespace}/{config.component}/{config.endpoint}"
 
     # -- public --------------------------------------------------------------------
     def request_shutdown(self) -> None:
@@ -245,39 +231,34 @@ class Worker:
             self._events = await setup_kv_routing(
                 self.engine, cfg, ec, self.instance_id, self.metrics.registry, self.metrics.labels
             )
-        self._health_payload = await resolve_health_check_payload(
-            cfg.health_check_payload, self.engine
+        self._health_payload = (
+            None
+            if cfg.health_check_disabled
+            else await resolve_health_check_payload(cfg.health_check_payload, self.engine)
         )
 
     def _build_adapter(self) -> EngineAdapter:
-        assert self.engine_config is not None
+        cfg, ec = self.config, self.engine_config
+        assert ec is not None
         return EngineAdapter(
             self.engine,
-            mode=self.config.disaggregation_mode,
+            mode=cfg.disaggregation_mode,
             metrics=self.metrics,
-            engine_config=self.engine_config,
+            engine_config=ec,
+            validate=cfg.debug_validate,
+            stream_timeout=cfg.engine_stream_timeout,
+            tracer=GenerateTracer.create(
+                cfg.tracing, cfg.disaggregation_mode, ec.model, cfg.otel_service_name
+            ),
         )
 
     async def _start_request_plane(self) -> None:
         cfg = self.config
         assert self.adapter is not None
-        if cfg.request_plane == "nats":
-            import nats
-
-            from ..transport.nats import NatsRequestServer, nats_subject
-            from ..transport.nats_options import nats_connect_options
-
-            self._nats = await nats.connect(**nats_connect_options(cfg.nats_server))
-            subject = nats_subject(cfg.namespace, cfg.component, cfg.endpoint, self.instance_id)
-            self._nats_server = NatsRequestServer(
-                self._nats, subject, admit=self._admission_refusal, handle=self.adapter.handle
-            )
-            await self._nats_server.start()
-        else:
-            self._tcp = TcpRequestServer(
-                cfg.tcp_host, cfg.tcp_port, admit=self._admit, handle=self.adapter.handle
-            )
-            await self._tcp.start()
+        self._plane = request_plane_for(
+            cfg, admit=self._admission_refusal, handle=self.adapter.handle
+        )
+        await self._plane.start(self.instance_id)
         if cfg.system_port is not None:
             self._status = StatusServer(
                 cfg.system_host,
@@ -291,14 +272,7 @@ class Worker:
     def _records(self, instance_id: int) -> list[tuple[str, dict[str, Any]]]:
         cfg = self.config
         ns, comp, ep = cfg.namespace, cfg.component, cfg.endpoint
-        if cfg.request_plane == "nats":
-            from ..transport.nats import nats_subject
-
-            transport = nats_transport(nats_subject(ns, comp, ep, instance_id))
-        else:
-            assert self._tcp is not None
-            transport = tcp_transport(self._tcp.host, self._tcp.port, instance_id, ns, comp, ep)
-        assert self._card is not None
+        assert self._plane is not None and self._card is not None
         events = self._events.records(instance_id) if self._events is not None else []
         return [
             *events,
@@ -309,20 +283,18 @@ class Worker:
             (
                 instance_key(ns, comp, ep, instance_id),
                 endpoint_record(
-                    ns, comp, ep, instance_id, transport, device_type=None, codec=self._codec()
+                    ns,
+                    comp,
+                    ep,
+                    instance_id,
+                    self._plane.transport(instance_id),
+                    device_type=None,
+                    # The frontend encodes request bodies (and we encode response items) with
+                    # the codec the Endpoint record advertises: JSON by default.
+                    codec=cfg.request_plane_codec,
                 ),
             ),
         ]
-
-    @staticmethod
-    def _codec() -> str:
-        # The frontend encodes request bodies (and we encode response items) with the codec
-        # the Endpoint record advertises. JSON by default; Dynamo's Rust workers use msgpack.
-        codec = os.environ.get("DYN_REQUEST_PLANE_CODEC", "json").strip().lower() or "json"
-        if codec not in ("json", "msgpack"):
-            log.warning("DYN_REQUEST_PLANE_CODEC=%r is not json or msgpack; using json", codec)
-            return "json"
-        return codec
 
     async def _register(self) -> None:
         assert self._discovery is not None and self.engine_config is not None
@@ -342,15 +314,8 @@ class Worker:
             return
         log.warning("discovery lease was lost; re-registering as instance %x", new_id)
         self.instance_id = new_id
-        assert self._discovery is not None
-        if self._nats_server is not None:
-            # The NATS subject embeds the instance id: listen on the new one too.
-            from ..transport.nats import nats_subject
-
-            cfg = self.config
-            await self._nats_server.add_subject(
-                nats_subject(cfg.namespace, cfg.component, cfg.endpoint, new_id)
-            )
+        assert self._discovery is not None and self._plane is not None
+        await self._plane.serve_instance(new_id)
         for key, value in self._records(new_id):
             await self._discovery.put(key, value)
 
@@ -358,13 +323,12 @@ class Worker:
     # Open from the request plane's start until just before engine.cleanup(), shutdown included:
     # a refusal ("Server unavailable") is not retried by the 1.6.1 frontend with its default
     # flags, so it would be a client-visible error. Shutdown stops the routing via discovery.
-    def _admit(self, path: str) -> str | None:
-        if not path.endswith(self._endpoint_suffix):
-            return f"Server unavailable: unknown endpoint {path}"
-        return self._admission_refusal(path)
+    # (The TCP plane refuses frames for another endpoint itself.)
+    def _admission_refusal(self) -> str | None:
+        """Why a request for this endpoint is refused now, or None to accept it.
 
-    def _admission_refusal(self, path_or_subject: str) -> str | None:
-        """Why a request addressed to this endpoint is refused now, or None to accept it."""
+        Called by the request plane once per request, before its ACK; never blocks.
+        """
         if self._admission_closed:
             return "Server unavailable: worker is shutting down"
         self._last_admit = time.monotonic()
@@ -423,14 +387,15 @@ class Worker:
     async def _graceful_shutdown(self) -> None:
         """Leave in two steps, serve everything that arrives, drain, then close admission.
 
-        Why this order (measured with the 1.6.1 frontend, default flags; docs/reliability.md):
+        Why this order (measured with the 1.6.1 frontend, default flags;
+        docs/architecture.md#shutdown-sequence):
         the frontend stops routing to an instance when its Model record goes, without touching
         its requests; when the Endpoint record goes, it fails every request of that instance
         whose response stream is still connecting (HTTP 503). Withdrawing the Model record first
         and the Endpoint record only once requests stopped arriving leaves nothing to fail.
         """
-        timeout = _env_float("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", 30.0)
-        grace = _env_float("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", 5.0)
+        timeout = self.config.graceful_shutdown_timeout
+        grace = self.config.graceful_shutdown_grace_period
         assert self._discovery is not None
         self._draining = True
         await self._withdraw(self._discovery, models_only=True)
@@ -507,9 +472,7 @@ class Worker:
 
     async def _close_transports(self) -> None:
         for closer in (
-            self._tcp.close if self._tcp else None,
-            self._nats_server.close if self._nats_server else None,
-            self._nats.close if self._nats else None,
+            self._plane.close if self._plane else None,
             self._status.close if self._status else None,
             self._events.close if self._events else None,
             self._discovery.close if self._discovery else None,
