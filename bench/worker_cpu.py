@@ -5,7 +5,7 @@ while the real ``EngineAdapter`` serves ``--requests`` requests of ``--max-token
 ``--concurrency`` with the reference engine (one ``sleep(0)`` per token), each with its own
 call-home connection to a sink in a separate process that reads and discards the frames
 (as the frontend would, minus its work). Request frames are built here, so the request plane's
-socket is not part of it; everything from ``EngineAdapter.handle`` to the socket write is.
+socket is not part of it; everything from decoding the frame body to the socket write is.
 
 ``--src DIR`` measures the ``backend_common`` under DIR instead of this checkout's (to compare
 before and after a change). Prints and (``--out``) writes JSON: microseconds of CPU per token
@@ -53,6 +53,12 @@ async def _measure(port: int, requests: int, concurrency: int, max_tokens: int) 
         from backend_common.runtime.adapter import EngineAdapter
     except ImportError:  # the flat layout of older releases
         from backend_common.adapter import EngineAdapter  # type: ignore[no-redef]
+    try:
+        from backend_common.transport.codec import MAX_MESSAGE_LEN
+        from backend_common.transport.plane import decode_incoming
+    except ImportError:  # older releases: the adapter decodes the frame body itself
+        decode_incoming = None
+    path = "1/dynamo/backend/generate"
 
     engine = ReferenceEngine()
     adapter = EngineAdapter(engine, engine_config=await engine.start(0))
@@ -71,7 +77,10 @@ async def _measure(port: int, requests: int, concurrency: int, max_tokens: int) 
                 id=f"r{k}-{n}", address=f"127.0.0.1:{port}", subject=f"s{k}-{n}"
             )
             frame = encode_two_part(control.to_json(), body)
-            await adapter.handle("1/dynamo/backend/generate", {}, frame)
+            if decode_incoming is None:
+                await adapter.handle(path, {}, frame)
+            else:
+                await adapter.handle(decode_incoming(path, {}, frame, max_body=MAX_MESSAGE_LEN))
 
     remaining = 2 * concurrency
     await asyncio.gather(*(client(k) for k in range(concurrency)))  # warm-up, not counted
