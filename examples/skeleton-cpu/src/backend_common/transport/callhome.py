@@ -10,8 +10,8 @@ Lifecycle, driven by the worker's request handler (one ``CallHome`` per request)
    once costs one send syscall, not one per token, and no frame waits longer than the current
    loop iteration. One ``call_soon`` per loop iteration flushes every stream that queued
    something (``_LoopFlusher``), not one per stream and token; the handler calls
-   ``await drain()`` every few items, which flushes and only waits when the buffer is over its
-   high-water mark;
+   ``await drain()`` when frames back up (``backlogged``), which flushes and only waits when
+   the buffer is over its high-water mark;
 4. ``await finish()``: ``complete_final`` + ``sentinel``, drain, then close once the frontend has
    closed its side (bounded to ``linger`` seconds, so a silent peer cannot hold the socket).
 
