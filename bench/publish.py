@@ -338,8 +338,8 @@ def render_doc(
             "",
             "The runtime alone, without frontend and client (`python -m bench.worker_cpu`: the",
             "real `EngineAdapter` and the reference engine in one process, each request with its",
-            "own call-home socket to a sink process; CPU time of that process per token, which",
-            "the machine's load hardly moves):",
+            "own call-home socket to a sink process; CPU time of that process per token, a",
+            "steadier figure than throughput on a shared machine):",
             "",
             "| runtime | requests x tokens, concurrency | CPU us per token, runs | median |",
             "|---|---|---|---|",
@@ -363,6 +363,9 @@ def render_doc(
         ]
         out += _profile_table(profile)
         out += [
+            "",
+            "The shares are of each run's own total: the CPU per token above gives the absolute",
+            "change.",
             "",
             "What changed for the hot path:",
             "",
