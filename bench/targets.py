@@ -59,6 +59,18 @@ RUNTIME_SRC = REPO / "template" / "src"
 MOCKER_SRC = REPO / "examples" / "mocker-cuda" / "src"
 READY_TIMEOUT_S = 120.0
 SPEEDUP_RATIO = "100"
+# The scheduler settings both mockers get, spelled out (they are both mockers' defaults) so that
+# the launch lines show them and a change of either default cannot skew the pair.
+MOCKER_SCHEDULER = [
+    "--block-size",
+    "64",
+    "--max-num-seqs",
+    "256",
+    "--max-num-batched-tokens",
+    "8192",
+    "--num-gpu-blocks-override",
+    "16384",
+]
 
 PAIRS: tuple[tuple[str, str], ...] = (("a", "c"), ("a-kv", "c-kv"), ("b", "d"))
 """(ours, theirs): the comparisons the report makes."""
@@ -102,7 +114,7 @@ def _mocker_example(_frontend_python: str, model_dir: Path) -> Launch:
     model = "bench-b-mocker-cuda"
     argv = [sys.executable, "-m", "mocker_cuda", "--model-path", str(model_dir)]
     argv += ["--model-name", model, "--namespace", "bench-b", "--event-plane", "nats"]
-    argv += ["--speedup-ratio", SPEEDUP_RATIO, "--device", "none"]
+    argv += ["--speedup-ratio", SPEEDUP_RATIO, *MOCKER_SCHEDULER, "--device", "none"]
     return Launch(argv, {"PYTHONPATH": str(MOCKER_SRC)}, model)
 
 
@@ -121,7 +133,7 @@ def _dynamo_mocker(frontend_python: str, model_dir: Path) -> Launch:
     model = "bench-d-dynamo-mocker"
     argv = [frontend_python, "-m", "dynamo.mocker", "--model-path", str(model_dir)]
     argv += ["--model-name", model, "--endpoint", "dyn://bench-d.backend.generate"]
-    argv += ["--speedup-ratio", SPEEDUP_RATIO, "--event-plane", "nats"]
+    argv += ["--speedup-ratio", SPEEDUP_RATIO, *MOCKER_SCHEDULER, "--event-plane", "nats"]
     return Launch(argv, {}, model)
 
 
