@@ -7,7 +7,7 @@
 
 ``factory()`` (sync or async) must return a fresh, not-started engine; it is
 called twice: once for the engine under test, once for a never-started engine.
-The checks run in Dynamo's order (contract section 4.2); the first failure
+The checks run in Dynamo's order (docs/contract.md#conformance-kit); the first failure
 raises ``ConformanceError`` whose ``kind`` is the Rust kit's variant name and
 whose message says what to fix. The kit calls the engine directly: no network,
 no worker. Streams are read through the debug validator.
@@ -277,7 +277,7 @@ async def _check_cancellation(engine: LLMEngine, model: str) -> None:
 
 
 async def run_conformance(factory: EngineFactory) -> None:
-    """Run every check of contract section 4.2 in order.
+    """Run every check of docs/contract.md#conformance-kit in order.
 
     Raises ``ConformanceError`` on the first failure; its ``kind`` names the check.
     """

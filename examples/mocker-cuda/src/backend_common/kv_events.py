@@ -1,4 +1,7 @@
-"""KV cache events for Dynamo's KV-aware router (wire.md section 6.4), on the NATS event plane.
+"""KV cache events for Dynamo's KV-aware router on the NATS event plane.
+
+Wire format: docs/wire-protocol.md#kv-events; the engine's side:
+docs/contract.md#kv-events-and-snapshots.
 
 An engine that wants ``--router-mode kv`` to send repeated prefixes back to it
 returns one ``PushSource`` per data-parallel rank from ``kv_event_sources()``::

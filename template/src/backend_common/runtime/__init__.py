@@ -10,8 +10,10 @@ worker (``worker``) composes discovery (``backend_common.discovery``), a request
 ``request_policy``  request checks before ``generate`` (context length, vocabulary)
 ``kv_routing``      hands the engine its KV event and snapshot publishers
 ``health``          the health canary's payload
+``canary``          the health canary on an idle worker (``DYN_HEALTH_CHECK_ENABLED``)
 ``status``          the system HTTP server (``/health``, ``/live``, ``/metrics``, files)
 ``metrics``         the worker's Prometheus metrics
+``engine_metrics``  the engine's global-registry / multiprocess metrics on ``/metrics``
 ``modelcard``       the model card published in discovery
 ``tracing``         the optional OpenTelemetry span around ``generate``
 ``log``             logging set-up

@@ -16,8 +16,12 @@ Invariants:
 
 * The prologue waits for the engine's first item, so an ``InvalidArgument``
   raised before any output becomes a typed error prologue (HTTP 400 at the
-  frontend, worker stays in rotation). Any other failure is an error item in
-  the stream (an untyped prologue would make the frontend sideline the worker).
+  frontend, worker stays in rotation). Any other failure, and any failure after
+  the first item, is an error item in the stream carrying the serialized
+  ``DynamoError`` (``DynamoError.to_wire``): the frontend takes from it the HTTP
+  status / SSE error code, whether to retry on another worker and whether to take
+  this one out of rotation (docs/errors.md). An untyped prologue would sideline
+  the worker.
 * Exactly one terminal reaches the frontend; items after it are dropped and the
   engine's generator is closed. A stream that ends without a terminal gets a
   ``StreamIncomplete`` error item.
@@ -44,6 +48,7 @@ from ..errors import (
     from_exception,
     response_timeout,
     stream_incomplete,
+    unknown,
 )
 from ..transport.callhome import CallHome
 from ..transport.codec import WireError
@@ -182,8 +187,8 @@ class EngineAdapter:
             loop = asyncio.get_running_loop()
             if self.mode is DisaggregationMode.DECODE and not entry.ctx.first_token_seen:
                 # A decode worker aborts only once its first token exists: an earlier abort
-                # could strand the prefill peer's KV transfer (contract 11.5). A stream that
-                # ends before its first token is never aborted.
+                # could strand the prefill peer's KV transfer (docs/contract.md#cancellation).
+                # A stream that ends before its first token is never aborted.
                 entry.abort_deferred = True
                 log.debug("deferring engine.abort() until first-token observed")
             else:
@@ -290,7 +295,8 @@ class EngineAdapter:
                 except WireError as exc:
                     # An item the codec cannot encode is the engine's bug, not the client's.
                     log.error("request %s: cannot encode engine item: %s", ctx.id(), exc)
-                    home.send_error_item(f"engine produced an unencodable item: {exc}")
+                    err = unknown(f"engine produced an unencodable item: {exc}")
+                    home.send_error_item(err.message, err.to_wire())
                     terminal = True
                     break
                 if count == 0:
@@ -312,7 +318,7 @@ class EngineAdapter:
             if not prologue_sent:
                 home.send_prologue()
                 prologue_sent = True
-            home.send_error_item(str(exc))
+            home.send_error_item(str(exc), unknown(str(exc)).to_wire())
             terminal = True
         except Exception as exc:  # noqa: BLE001 - engine errors become typed errors
             err = from_exception(exc)
@@ -324,7 +330,7 @@ class EngineAdapter:
                     return
                 home.send_prologue()
                 prologue_sent = True
-            home.send_error_item(err.message)
+            home.send_error_item(err.message, err.to_wire())
             terminal = True
         finally:
             if stream is not None:
@@ -340,7 +346,7 @@ class EngineAdapter:
             home.send_prologue()
         if not terminal:
             err = stream_incomplete("engine stream ended without a terminal item")
-            home.send_error_item(err.message)
+            home.send_error_item(err.message, err.to_wire())
         await home.finish()
 
 

@@ -8,7 +8,7 @@ Used by the e2e tests, ``make run``/``make demo`` and the benchmark. Contract:
 * ``Frontend(...)`` owns one frontend process. ``start()`` launches it on a free
   127.0.0.1 port and returns once ``/health`` or ``/v1/models`` answers 200 (bounded by
   ``start_timeout``); ``stop()`` ends it (SIGTERM, then SIGKILL) and is idempotent. It is a
-  context manager. Every socket stays on 127.0.0.1 (real-dynamo.md §5); ``HOME`` and
+  context manager. Every socket stays on 127.0.0.1; ``HOME`` and
   ``HF_HOME`` point into ``workdir`` so the frontend's card cache never touches the real
   home directory; the Hugging Face Hub is offline.
 * ``worker_env(...)`` gives the variables a worker (ours or Dynamo's) needs to join the same
@@ -101,7 +101,7 @@ def hermetic_env(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def _loopback_vars() -> dict[str, str]:
     # Without the *_HOST variables the TCP request plane picks host "auto", which may be a
-    # non-loopback address (real-dynamo.md §5).
+    # non-loopback address.
     return {
         "DYN_HTTP_HOST": LOOPBACK,
         "DYN_TCP_RPC_HOST": LOOPBACK,

@@ -1,4 +1,4 @@
-"""etcd discovery on ``aetcd`` (wire.md sections 2.1-2.3).
+"""etcd discovery on ``aetcd`` (docs/wire-protocol.md#keys-and-leases).
 
 One lease per process; its id is the instance id. Every key is created with a
 transaction ``VERSION(key) == 0 -> PUT(key, value, lease)``, so two workers can
