@@ -8,8 +8,9 @@ call-home connection to a sink in a separate process that reads and discards the
 socket is not part of it; everything from decoding the frame body to the socket write is.
 
 ``--src DIR`` measures the ``backend_common`` under DIR instead of this checkout's (to compare
-before and after a change). Prints and (``--out``) writes JSON: microseconds of CPU per token
-for each of ``--repeat`` runs and their median.
+before and after a change; it must have this checkout's layout: ``runtime/``, ``transport/``).
+Prints and (``--out``) writes JSON: microseconds of CPU per token for each of ``--repeat`` runs
+and their median.
 """
 
 from __future__ import annotations
@@ -47,19 +48,11 @@ asyncio.run(main())
 
 async def _measure(port: int, requests: int, concurrency: int, max_tokens: int) -> float:
     from backend_common.reference import ReferenceEngine
-    from backend_common.transport.codec import ControlMessage, encode_two_part
+    from backend_common.runtime.adapter import EngineAdapter
+    from backend_common.transport.codec import MAX_MESSAGE_LEN, ControlMessage, encode_two_part
+    from backend_common.transport.plane import decode_incoming
 
-    try:
-        from backend_common.runtime.adapter import EngineAdapter
-    except ImportError:  # the flat layout of older releases
-        from backend_common.adapter import EngineAdapter  # type: ignore[no-redef]
-    try:
-        from backend_common.transport.codec import MAX_MESSAGE_LEN
-        from backend_common.transport.plane import decode_incoming
-    except ImportError:  # older releases: the adapter decodes the frame body itself
-        decode_incoming = None
     path = "1/dynamo/backend/generate"
-
     engine = ReferenceEngine()
     adapter = EngineAdapter(engine, engine_config=await engine.start(0))
     body = json.dumps(
@@ -77,10 +70,9 @@ async def _measure(port: int, requests: int, concurrency: int, max_tokens: int) 
                 id=f"r{k}-{n}", address=f"127.0.0.1:{port}", subject=f"s{k}-{n}"
             )
             frame = encode_two_part(control.to_json(), body)
-            if decode_incoming is None:
-                await adapter.handle(path, {}, frame)
-            else:
-                await adapter.handle(decode_incoming(path, {}, frame, max_body=MAX_MESSAGE_LEN))
+            incoming = decode_incoming(path, {}, frame, max_body=MAX_MESSAGE_LEN)
+            assert incoming is not None
+            await adapter.handle(incoming)
 
     remaining = 2 * concurrency
     await asyncio.gather(*(client(k) for k in range(concurrency)))  # warm-up, not counted
@@ -111,14 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         assert sink.stdout is not None
         port = int(sink.stdout.readline())
-        try:
-            import uvloop
+        import uvloop
 
-            run = uvloop.run
-        except ImportError:
-            run = asyncio.run
         runs = [
-            run(_measure(port, args.requests, args.concurrency, args.max_tokens))
+            uvloop.run(_measure(port, args.requests, args.concurrency, args.max_tokens))
             for _ in range(args.repeat)
         ]
     finally:

@@ -4,8 +4,8 @@
   and serves; the worker reads the served name and the parsers from the engine's flags.
 * Every ``DynamoError`` category raised by ``generate`` before its first item and mid-stream:
   what the frontend returns (HTTP status, SSE error event, whether ``--migration-limit``
-  retries it on another worker). The observed table is ``docs/errors.md``'s; the test fails
-  when the two differ (``UPDATE_ERROR_TABLE=1`` rewrites the document's table instead).
+  retries it on another worker). The observed table is ``backend_common/docs/errors.md``'s;
+  the test fails when the two differ (``UPDATE_ERROR_TABLE=1`` rewrites the table instead).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from backend_common.devstack.openai import ChatResult, chat, completion
 pytestmark = pytest.mark.e2e
 
 MODULE = "tests.foreign_engine"
-DOC = REPO / "docs" / "errors.md"
+DOC = REPO / "template" / "src" / "backend_common" / "docs" / "errors.md"
 INHIBIT_S = 1
 RECOVERY_S = 15.0
 BEGIN, END = "<!-- error-table:begin -->", "<!-- error-table:end -->"
@@ -170,7 +170,7 @@ def _check_doc(table: str) -> None:
         DOC.write_text(text[:start] + "\n" + table + "\n" + text[end:])
         return
     assert text[start:end].strip() == table, (
-        "docs/errors.md differs from what the frontend returned; "
+        "backend_common/docs/errors.md differs from what the frontend returned; "
         "rerun with UPDATE_ERROR_TABLE=1 and review the diff:\n" + table
     )
 

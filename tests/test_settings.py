@@ -64,6 +64,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "logging_jsonl": ("1", True),
     "log_filter": ("debug", "debug"),
     "tracing": ("1", True),
+    "otel_exporter_protocol": ("grpc", "grpc"),
 }
 
 
@@ -105,11 +106,13 @@ def test_a_flag_beats_its_variable(clean_env: pytest.MonkeyPatch) -> None:
     assert (config.namespace, config.request_plane) == ("from-flag", "tcp")
 
 
-def test_nats_server_picks_the_nats_event_plane(clean_env: pytest.MonkeyPatch) -> None:
+def test_nats_server_does_not_pick_the_event_plane(clean_env: pytest.MonkeyPatch) -> None:
+    # A real 1.6.1 worker with NATS_SERVER set and no --event-plane advertised its channels
+    # on ZMQ; an unset plane means ZMQ (runtime.kv_routing).
     assert _config().event_plane is None
     clean_env.setenv("NATS_SERVER", "nats://127.0.0.1:4222")
-    assert _config().event_plane == "nats"
-    assert _config(["--event-plane", "zmq"]).event_plane == "zmq"
+    assert _config().event_plane is None
+    assert _config(["--event-plane", "nats"]).event_plane == "nats"
 
 
 def test_invalid_numbers_keep_their_defaults(clean_env: pytest.MonkeyPatch) -> None:

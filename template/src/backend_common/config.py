@@ -141,6 +141,8 @@ class WorkerConfig:
     file_kv: str | None = None
     tcp_host: str = "127.0.0.1"
     tcp_port: int = 0
+    # Host of the ZMQ event plane's PUB sockets: bound and advertised (DYN_EVENT_PLANE_HOST).
+    event_plane_host: str = "127.0.0.1"
     system_host: str = "127.0.0.1"
     system_port: int | None = None
     etcd: EtcdOptions = field(default_factory=EtcdOptions)
@@ -167,6 +169,7 @@ class WorkerConfig:
     prometheus_multiproc_dir: str | None = None
     tracing: bool = False
     otel_service_name: str = "backend_common"
+    otel_exporter_protocol: str = "http/protobuf"
 
     def __post_init__(self) -> None:
         self.disaggregation_mode = DisaggregationMode.parse(self.disaggregation_mode)

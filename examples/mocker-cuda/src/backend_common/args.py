@@ -85,6 +85,15 @@ def _truthy(raw: str) -> bool:
     return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _otlp_protocol(raw: str) -> str:
+    """``grpc`` or ``http/protobuf``; anything else warns and keeps ``http/protobuf``."""
+    value = raw.strip().lower()
+    if value in ("grpc", "http/protobuf"):
+        return value
+    log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%r is not grpc or http/protobuf; using http", raw)
+    return "http/protobuf"
+
+
 def _bool(name: str, default: bool) -> Callable[[str], bool]:
     """1/true/yes/on or 0/false/no/off; anything else warns and keeps ``default``."""
 
@@ -258,7 +267,7 @@ SETTINGS: tuple[Setting, ...] = (
         "event_plane",
         "DYN_EVENT_PLANE",
         None,
-        "KV event plane; unset: nats when NATS_SERVER is set, else none (only nats is supported)",
+        "KV event plane; unset: zmq, as in Dynamo 1.6.1 (also when NATS_SERVER is set)",
         flag="--event-plane",
         choices=("nats", "zmq"),
     ),
@@ -346,6 +355,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("tcp_host", "DYN_TCP_RPC_HOST", "127.0.0.1", "TCP request plane bind address"),
     Setting("tcp_port", "DYN_TCP_RPC_PORT", 0, "TCP request plane port (0: any)", parse=int),
+    Setting(
+        "event_plane_host",
+        "DYN_EVENT_PLANE_HOST",
+        "127.0.0.1",
+        "ZMQ event plane: the address its sockets bind and advertise",
+    ),
     Setting("system_host", "DYN_SYSTEM_HOST", "127.0.0.1", "status server bind address"),
     Setting(
         "system_port",
@@ -472,6 +487,15 @@ SETTINGS: tuple[Setting, ...] = (
         "backend_common",
         "service.name of the exported spans",
     ),
+    Setting(
+        "otel_exporter_protocol",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "http/protobuf",
+        "OTLP protocol of the span export: http/protobuf (the tracing extra's exporter) or "
+        "grpc (needs opentelemetry-exporter-otlp-proto-grpc); OTEL_EXPORTER_OTLP_ENDPOINT "
+        "and the other OTEL_EXPORTER_OTLP_* variables are read by the exporter itself",
+        parse=_otlp_protocol,
+    ),
 )
 
 _BY_FIELD = {s.field: s for s in SETTINGS}
@@ -594,9 +618,6 @@ def worker_config_from_args(args: argparse.Namespace, **overrides: Any) -> Worke
             values[s.field] = _from_env(s)
     values["etcd"] = EtcdOptions(**sub["etcd"])
     values["nats"] = NatsOptions(**sub["nats"])
-    if values["event_plane"] is None and _env("NATS_SERVER"):
-        # Dynamo picks NATS when a NATS server is configured and no plane was named.
-        values["event_plane"] = "nats"
     values.update(overrides)
     return WorkerConfig(**values)
 

@@ -34,7 +34,7 @@ from .context import GenerateContext
 from .disagg import enforce_prefill_max_tokens, require_prefill_result
 from .engine import LLMEngine
 from .guard import RequestGuard
-from .kv_events import KvEventPublisher, PushSource
+from .kv_events import KvEventPublisher, PushSource, ZmqSource
 from .publisher import ComponentSnapshot, SnapshotPublisher
 from .types import LLMEngineOutput, PreprocessedRequest, chunk, usage
 
@@ -150,7 +150,7 @@ class ReferenceEngine(LLMEngine):
         self.kv_used_blocks += count
         return hashes
 
-    async def kv_event_sources(self) -> list[PushSource]:
+    async def kv_event_sources(self) -> list[PushSource | ZmqSource]:
         return [PushSource(self._on_kv_publisher, dp_rank=0)] if self.publish_kv_events else []
 
     def _on_kv_publisher(self, publisher: KvEventPublisher) -> None:

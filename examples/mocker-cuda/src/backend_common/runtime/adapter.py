@@ -20,13 +20,14 @@ Invariants:
   the first item, is an error item in the stream carrying the serialized
   ``DynamoError`` (``DynamoError.to_wire``): the frontend takes from it the HTTP
   status / SSE error code, whether to retry on another worker and whether to take
-  this one out of rotation (docs/errors.md). An untyped prologue would sideline
-  the worker.
+  this one out of rotation (docs/wire-protocol.md#how-the-frontend-reacts). An
+  untyped prologue would sideline the worker.
 * Exactly one terminal reaches the frontend; items after it are dropped and the
   engine's generator is closed. A stream that ends without a terminal gets a
   ``StreamIncomplete`` error item.
 * ``abort(ctx)`` runs at most once per request, only when the request was
-  cancelled (frontend ``stop``/``kill``, or shutdown), never on a natural end.
+  cancelled (frontend ``stop``/``kill``, the frontend closing the response stream
+  before the terminal, or shutdown), never on a natural end.
 * Every accepted request is tracked in ``active`` until its stream is done, on
   every path; ``wait_idle`` lets shutdown wait for in-flight streams.
 * Nothing a client or the network sends can raise out of ``handle``.
@@ -258,13 +259,17 @@ class EngineAdapter:
             except DynamoError as err:
                 home.send_prologue(err.message, typed_error=_typed(err))
                 return
-            await self._stream(home, request, ctx)
+            if await self._stream(home, request, ctx):
+                # The frontend closed the response stream before the terminal without a
+                # stop/kill (its client went away): a cancellation, so the engine is told.
+                self._cancel(entry, kill=True)
         finally:
             await home.close()
 
     async def _stream(
         self, home: CallHome, request: PreprocessedRequest, ctx: GenerateContext
-    ) -> None:
+    ) -> bool:
+        """Relay the engine's items; True when the frontend went away before the terminal."""
         prologue_sent = False
         terminal = False
         count = 0
@@ -285,7 +290,7 @@ class EngineAdapter:
                     ctx.notify_first_token()
                 if home.closed:
                     # The frontend is gone (client disconnect): nothing more can be read.
-                    return
+                    return not ctx.is_stopped()
                 try:
                     token_ids = item.plain_token_ids()
                     if token_ids is not None:
@@ -327,7 +332,7 @@ class EngineAdapter:
             if not prologue_sent:
                 if err.is_invalid_argument:
                     home.send_prologue(err.message, typed_error=_typed(err))
-                    return
+                    return False
                 home.send_prologue()
                 prologue_sent = True
             home.send_error_item(err.message, err.to_wire())
@@ -341,13 +346,14 @@ class EngineAdapter:
                     except Exception:  # noqa: BLE001
                         log.debug("closing the engine stream raised", exc_info=True)
         if home.closed:
-            return
+            return False  # the engine's stream had ended: nothing to abort
         if not prologue_sent:
             home.send_prologue()
         if not terminal:
             err = stream_incomplete("engine stream ended without a terminal item")
             home.send_error_item(err.message, err.to_wire())
         await home.finish()
+        return False
 
 
 def _typed(err: DynamoError) -> dict[str, str]:

@@ -124,7 +124,10 @@ def _stack_vars(
         raise ValueError(f"discovery_backend must be 'file' or 'etcd', not {discovery_backend!r}")
     if request_plane not in ("tcp", "nats"):
         raise ValueError(f"request_plane must be 'tcp' or 'nats', not {request_plane!r}")
-    env = {"DYN_DISCOVERY_BACKEND": discovery_backend, "DYN_REQUEST_PLANE": request_plane}
+    env: dict[str, str] = {
+        "DYN_DISCOVERY_BACKEND": discovery_backend,
+        "DYN_REQUEST_PLANE": request_plane,
+    }
     if discovery_backend == "file":
         if file_kv is None:
             raise ValueError("file discovery needs file_kv (a directory shared by all processes)")
@@ -189,8 +192,9 @@ class Frontend:
     ``workdir`` holds the log (``frontend.log``), the scratch ``home/`` and ``hf/``
     directories and, for file discovery without an explicit ``file_kv``, ``filekv/``.
     ``router_mode`` None keeps the frontend default (round-robin); ``event_plane`` None
-    keeps its default (zmq). Workers of a zmq stack must run with KV events disabled
-    (``--disable-kv-routing``) or ``--event-plane nats``: ZMQ publishers bind 0.0.0.0.
+    keeps its default (zmq). Dynamo's own workers of a zmq stack must run with KV events
+    disabled (``--disable-kv-routing``) or ``--event-plane nats``: their ZMQ publishers bind
+    0.0.0.0. backend_common workers bind theirs on ``DYN_EVENT_PLANE_HOST`` (127.0.0.1 here).
     """
 
     def __init__(
