@@ -11,6 +11,9 @@ contract (``tests/test_conformance.py``) after every change.
 
 from __future__ import annotations
 
+from backend_common import WorkerConfig
+
+from . import args as cli
 from .mocker.engine import MockerEngine
 
 __all__ = ["MockerCudaEngine"]
@@ -20,3 +23,10 @@ class MockerCudaEngine(MockerEngine):
     # Where the per-pass workload runs unless --device says otherwise (chosen at generation;
     # "cuda" falls back to cpu, with a warning, on a machine without a GPU).
     DEFAULT_DEVICE = "cuda"
+
+    @classmethod
+    def from_args(
+        cls,
+        argv: list[str] | None = None,
+    ) -> tuple[MockerCudaEngine, WorkerConfig]:
+        return cli.from_args(argv, cls)

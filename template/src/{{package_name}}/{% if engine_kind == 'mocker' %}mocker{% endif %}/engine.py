@@ -141,12 +141,6 @@ class MockerEngine(LLMEngine):
     def from_config(cls, args: argparse.Namespace, config: WorkerConfig) -> Self:
         return build_engine(args, config, cls)
 
-    @classmethod
-    def from_args(cls, argv: list[str] | None = None) -> tuple[Self, WorkerConfig]:
-        from ..args import from_args
-
-        return from_args(argv, cls)
-
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self, worker_id: int) -> EngineConfig:
         if self._started:
