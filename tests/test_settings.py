@@ -64,6 +64,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "logging_jsonl": ("1", True),
     "log_filter": ("debug", "debug"),
     "tracing": ("1", True),
+    "otel_exporter_protocol": ("grpc", "grpc"),
 }
 
 

@@ -133,6 +133,71 @@ def test_update_keeps_user_edits_and_matches_a_fresh_copy(
     )
 
 
+def test_update_reaches_the_mocker_engine_code_and_keeps_the_users_engine_py(
+    tmp_path: Path,
+) -> None:
+    """The mocker's engine lives in the template-owned ``mocker/`` package: a template fix
+    there reaches a project on ``copier update``, while the user's ``engine.py`` (a small
+    subclass) keeps its edits."""
+    repo = snapshot(tmp_path / "template-repo")
+    git(repo, "init", "-q")
+    commit_all(repo, "release 0.1.0", "0.1.0")
+    (mocker_engine,) = [
+        p for p in (repo / "template" / "src").rglob("engine.py") if "mocker" in p.parent.name
+    ]
+    append(mocker_engine, "\n# mocker fix shipped in 0.2.0\n")
+    commit_all(repo, "release 0.2.0", "0.2.0")
+
+    data = {**DATA, "engine_kind": "mocker"}
+    project = tmp_path / "project"
+    run_copy(str(repo), project, data=data, vcs_ref="0.1.0", defaults=True, quiet=True)
+    git(project, "init", "-q")
+    commit_all(project, "generated at 0.1.0")
+    engine = project / "src" / "upd_backend" / "engine.py"
+    assert len(engine.read_text(encoding="utf-8").splitlines()) < 40  # small, like skeleton's
+    append(engine, "\n# my engine tweak\n")
+    commit_all(project, "my engine")
+
+    run_update(project, data=data, defaults=True, overwrite=True, quiet=True)
+
+    assert "# my engine tweak" in engine.read_text(encoding="utf-8")
+    shipped = project / "src" / "upd_backend" / "mocker" / "engine.py"
+    assert "# mocker fix shipped in 0.2.0" in shipped.read_text(encoding="utf-8")
+
+
+def test_update_refuses_to_switch_the_engine(template_repo: Path, tmp_path: Path) -> None:
+    """engine.py and tests/test_engine.py are the user's: an update cannot swap the engine."""
+    project = tmp_path / "project"
+    run_copy(str(template_repo), project, data=DATA, vcs_ref="0.1.0", defaults=True, quiet=True)
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert answers["engine_kind_at_generation"] == "skeleton"
+    git(project, "init", "-q")
+    commit_all(project, "generated at 0.1.0")
+    before = git(project, "rev-parse", "HEAD")
+
+    with pytest.raises(ValueError) as info:
+        run_update(
+            project,
+            data={**DATA, "engine_kind": "mocker"},
+            defaults=True,
+            overwrite=True,
+            quiet=True,
+        )
+    message = str(info.value)
+    assert "engine_kind cannot be changed by `copier update`" in message
+    assert '"skeleton"' in message and "Switching engines" in message
+    # Nothing was touched.
+    assert git(project, "status", "--porcelain") == ""
+    assert git(project, "rev-parse", "HEAD") == before
+    assert (project / "tests" / "test_engine.py").is_file()
+
+    # An update that keeps the engine still works, and keeps the record.
+    run_update(project, data=DATA, defaults=True, overwrite=True, quiet=True)
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert answers["engine_kind_at_generation"] == "skeleton"
+    assert answers["_commit"] == "0.2.0"
+
+
 def _has_commit(commit: str) -> bool:
     probe = subprocess.run(
         ["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=REPO_ROOT, capture_output=True

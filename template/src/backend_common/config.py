@@ -169,6 +169,7 @@ class WorkerConfig:
     prometheus_multiproc_dir: str | None = None
     tracing: bool = False
     otel_service_name: str = "backend_common"
+    otel_exporter_protocol: str = "http/protobuf"
 
     def __post_init__(self) -> None:
         self.disaggregation_mode = DisaggregationMode.parse(self.disaggregation_mode)

@@ -67,7 +67,7 @@ import msgpack
 try:
     import xxhash
 except ImportError:  # a runtime dependency; guarded so the worker imports without it
-    xxhash = None
+    xxhash = None  # type: ignore[assignment]
 
 from .errors import invalid_arg
 

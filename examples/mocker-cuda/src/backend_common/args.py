@@ -85,6 +85,15 @@ def _truthy(raw: str) -> bool:
     return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _otlp_protocol(raw: str) -> str:
+    """``grpc`` or ``http/protobuf``; anything else warns and keeps ``http/protobuf``."""
+    value = raw.strip().lower()
+    if value in ("grpc", "http/protobuf"):
+        return value
+    log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%r is not grpc or http/protobuf; using http", raw)
+    return "http/protobuf"
+
+
 def _bool(name: str, default: bool) -> Callable[[str], bool]:
     """1/true/yes/on or 0/false/no/off; anything else warns and keeps ``default``."""
 
@@ -477,6 +486,15 @@ SETTINGS: tuple[Setting, ...] = (
         "OTEL_SERVICE_NAME",
         "backend_common",
         "service.name of the exported spans",
+    ),
+    Setting(
+        "otel_exporter_protocol",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "http/protobuf",
+        "OTLP protocol of the span export: http/protobuf (the tracing extra's exporter) or "
+        "grpc (needs opentelemetry-exporter-otlp-proto-grpc); OTEL_EXPORTER_OTLP_ENDPOINT "
+        "and the other OTEL_EXPORTER_OTLP_* variables are read by the exporter itself",
+        parse=_otlp_protocol,
     ),
 )
 

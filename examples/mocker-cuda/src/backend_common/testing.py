@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from .context import GenerateContext
 from .engine import LLMEngine
-from .types import FinishReason, LLMEngineOutput, PreprocessedRequest
+from .types import FinishReason, LLMEngineOutput, PreprocessedRequest, StopConditions
 from .validate import S1_MESSAGE, ContractViolation, validated
 
 __all__ = [
@@ -86,7 +86,7 @@ def cancelling_context(after_s: float) -> GenerateContext:
 
 def standard_request(model: str, max_tokens: int = STANDARD_MAX_TOKENS) -> PreprocessedRequest:
     return PreprocessedRequest(
-        model=model, token_ids=[1, 2, 3], stop_conditions={"max_tokens": max_tokens}
+        model=model, token_ids=[1, 2, 3], stop_conditions=StopConditions(max_tokens=max_tokens)
     )
 
 

@@ -66,9 +66,7 @@ class ZmqEventPlane(EventPlane):
         self._dropped = 0
 
     @classmethod
-    async def connect(  # type: ignore[override]
-        cls, host: str, ns: str, comp: str, ep: str, worker_id: int
-    ) -> ZmqEventPlane:
+    async def connect(cls, host: str, ns: str, comp: str, ep: str, worker_id: int) -> ZmqEventPlane:
         return cls(zmq.Context(), host, ns, comp, ep, worker_id)
 
     def endpoint(self, channel: _Channel) -> str:

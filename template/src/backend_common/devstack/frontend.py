@@ -124,7 +124,10 @@ def _stack_vars(
         raise ValueError(f"discovery_backend must be 'file' or 'etcd', not {discovery_backend!r}")
     if request_plane not in ("tcp", "nats"):
         raise ValueError(f"request_plane must be 'tcp' or 'nats', not {request_plane!r}")
-    env = {"DYN_DISCOVERY_BACKEND": discovery_backend, "DYN_REQUEST_PLANE": request_plane}
+    env: dict[str, str] = {
+        "DYN_DISCOVERY_BACKEND": discovery_backend,
+        "DYN_REQUEST_PLANE": request_plane,
+    }
     if discovery_backend == "file":
         if file_kv is None:
             raise ValueError("file discovery needs file_kv (a directory shared by all processes)")

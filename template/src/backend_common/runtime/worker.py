@@ -135,7 +135,7 @@ def _guard_loop_signal_handlers(loop: asyncio.AbstractEventLoop) -> bool:
         return original(sig, callback, *args)
 
     try:
-        loop.add_signal_handler = add_signal_handler  # type: ignore[method-assign]
+        loop.add_signal_handler = add_signal_handler  # type: ignore[method-assign,assignment]
     except AttributeError:
         return False
     return True
@@ -368,7 +368,11 @@ class Worker:
             validate=cfg.debug_validate,
             stream_timeout=cfg.engine_stream_timeout,
             tracer=GenerateTracer.create(
-                cfg.tracing, cfg.disaggregation_mode, ec.model, cfg.otel_service_name
+                cfg.tracing,
+                cfg.disaggregation_mode,
+                ec.model,
+                cfg.otel_service_name,
+                cfg.otel_exporter_protocol,
             ),
         )
 
@@ -498,7 +502,9 @@ class Worker:
                         return True, "ok"
                 return False, "stream ended without a terminal"
             finally:
-                await stream.aclose()
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
 
         try:
             return await asyncio.wait_for(one(), timeout)

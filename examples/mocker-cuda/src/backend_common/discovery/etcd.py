@@ -171,6 +171,8 @@ class TlsClient(aetcd.Client):
     Every other method of the client is inherited unchanged.
     """
 
+    _is_connecting: bool  # set by aetcd.Client
+
     def __init__(self, *, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._credentials = credentials

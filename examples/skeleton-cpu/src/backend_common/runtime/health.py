@@ -54,7 +54,9 @@ def build_health_check_payload(
         "sampling_options": {"temperature": 0.0},
     }
     payload.update(extras or {})
-    return stamp_canary_marker(payload)
+    stamped = stamp_canary_marker(payload)
+    assert stamped is not None  # a dict is always stamped
+    return stamped
 
 
 def stamp_canary_marker(payload: Any) -> dict[str, Any] | None:

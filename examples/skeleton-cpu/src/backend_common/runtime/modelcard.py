@@ -72,7 +72,8 @@ _ENDPOINT_TYPES = {
     "audio": "Audios",
 }
 # The order in which flags are printed (bit order of Dynamo's ModelType).
-_FLAG_ORDER = ("Chat", "Completions", "Embedding", "TensorBased", "Prefill", "Images")
+_FLAG_ORDER: tuple[str, ...] = ("Chat", "Completions", "Embedding", "TensorBased", "Prefill")
+_FLAG_ORDER += ("Images",)
 _FLAG_ORDER += ("Videos", "Audios")
 
 
