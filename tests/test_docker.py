@@ -165,7 +165,8 @@ def test_make_docker_check_passes(checked, name: str) -> None:
     report = out.stdout[-6000:] + out.stderr[-6000:]
     assert out.returncode == 0, f"make docker-check failed:\n{report}"
     assert "docker-check: OK" in out.stdout, report
-    roles = ["prefill", "decode"] if "prefill" in PROJECTS[name]["disagg_roles"] else ["agg"]
+    disagg = "prefill" in PROJECTS[name].get("disagg_roles", "agg")
+    roles = ["prefill", "decode"] if disagg else ["agg"]
     for role in roles:
         assert re.search(rf"uid docker-check-\d+-{role}\s+10001", out.stdout), report
         assert re.search(rf"stop docker-check-\d+-{role}\s+[\d.]+ s \(exit 0", out.stdout), report
