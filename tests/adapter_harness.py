@@ -2,7 +2,8 @@
 
 ``await run_request(adapter, request_dict, headers=...)`` starts a call-home listener on
 127.0.0.1, builds the TwoPart body (control header + JSON request) the 1.6.1 frontend
-sends, calls ``adapter.handle`` and returns every byte the worker sent back (bounded wait).
+sends, decodes it as the request plane does (``decode_incoming``), calls ``adapter.handle``
+and returns every byte the worker sent back (bounded wait).
 """
 
 from __future__ import annotations
@@ -11,8 +12,14 @@ import asyncio
 import json
 from typing import Any
 
-from backend_common.adapter import EngineAdapter
-from backend_common.transport.codec import ControlMessage, encode_two_part, sentinel_frame
+from backend_common.runtime.adapter import EngineAdapter
+from backend_common.transport.codec import (
+    MAX_MESSAGE_LEN,
+    ControlMessage,
+    encode_two_part,
+    sentinel_frame,
+)
+from backend_common.transport.plane import decode_incoming
 
 TIMEOUT_S = 10.0
 PATH = "1/dynamo/backend/generate"
@@ -47,7 +54,9 @@ async def run_request(
             id=request_id, address=f"127.0.0.1:{port}", subject=f"subject-{request_id}"
         )
         body = encode_two_part(control.to_json(), json.dumps(request).encode())
-        await asyncio.wait_for(adapter.handle(PATH, dict(headers or {}), body), TIMEOUT_S)
+        incoming = decode_incoming(PATH, dict(headers or {}), body, max_body=MAX_MESSAGE_LEN)
+        assert incoming is not None
+        await asyncio.wait_for(adapter.handle(incoming), TIMEOUT_S)
         await asyncio.wait_for(done.wait(), TIMEOUT_S)
     finally:
         server.close()

@@ -18,7 +18,7 @@ from typing import Any
 from backend_common.config import WorkerConfig
 from backend_common.devstack.services import free_port
 from backend_common.engine import LLMEngine
-from backend_common.worker import Worker
+from backend_common.runtime.worker import Worker
 
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
@@ -31,6 +31,8 @@ def file_config(tmp_path: Path, **overrides: Any) -> WorkerConfig:
         file_kv=str(tmp_path / "filekv"),
         system_port=free_port(),
         event_plane=None,
+        # In-process workers leave at once: no frontend routes to them.
+        graceful_shutdown_grace_period=0.0,
     )
     values.update(overrides)
     return WorkerConfig(**values)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from backend_common.adapter import EngineAdapter
 from backend_common.config import DisaggregationMode
 from backend_common.reference import ReferenceEngine
+from backend_common.runtime.adapter import EngineAdapter
 
 
 async def settle() -> None:

@@ -19,12 +19,12 @@ from adapter_harness import run_request
 from conftest import Stack
 
 from backend_common import GenerateContext, LLMEngineOutput, PreprocessedRequest
-from backend_common.adapter import EngineAdapter
 from backend_common.args import add_common_args, worker_config_from_args
 from backend_common.config import EngineConfig
 from backend_common.errors import DynamoError
-from backend_common.modelcard import build_model_card
 from backend_common.reference import ReferenceEngine
+from backend_common.runtime.adapter import EngineAdapter
+from backend_common.runtime.modelcard import build_model_card
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 

@@ -29,7 +29,7 @@ from conftest import REPO, RUNTIME_SRC, Stack, free_port
 from backend_common import GenerateContext, PreprocessedRequest
 from backend_common.config import EngineConfig
 from backend_common.errors import DynamoError
-from backend_common.modelcard import build_model_card
+from backend_common.runtime.modelcard import build_model_card
 
 MOCKER_SRC = REPO / "examples" / "mocker-cuda" / "src"
 MOCKER_ARGS = ("--device", "none", "--speedup-ratio", "100", "--disable-kv-routing")

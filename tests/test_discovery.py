@@ -6,6 +6,7 @@ writes (skipped without a frontend venv, failed in CI).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -17,7 +18,8 @@ import aetcd
 import pytest
 from conftest import require_frontend
 
-from backend_common.config import EngineConfig, WorkerConfig
+from backend_common.args import add_common_args, worker_config_from_args
+from backend_common.config import EngineConfig, EtcdOptions, WorkerConfig
 from backend_common.devstack.frontend import hermetic_env, worker_env
 from backend_common.devstack.services import EtcdServer, ManagedProcess
 from backend_common.devstack.tinymodel import write_tiny_model
@@ -36,7 +38,7 @@ from backend_common.discovery.base import (
 from backend_common.discovery.etcd import EtcdDiscovery, parse_endpoints
 from backend_common.discovery.file import FileDiscovery, decode_key, encode_key
 from backend_common.errors import BackendError, DynamoError
-from backend_common.modelcard import build_model_card
+from backend_common.runtime.modelcard import build_model_card
 
 BIG_ID = 0xDAD5340EA7BB83A8  # above 2^63, as observed from the file backend
 
@@ -154,14 +156,19 @@ def test_file_key_encoding_matches_the_rust_backend() -> None:
 
 
 def test_create_discovery_picks_the_backend(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("ETCD_LEASE_TTL", "7")
-    d = create_discovery(WorkerConfig(etcd_endpoints="http://127.0.0.1:1"))
+    d = create_discovery(
+        WorkerConfig(etcd_endpoints="http://127.0.0.1:1", etcd=EtcdOptions(lease_ttl=7))
+    )
     assert isinstance(d, EtcdDiscovery) and d.ttl == 7
     f = create_discovery(WorkerConfig(discovery_backend="file", file_kv=str(tmp_path)))
     assert isinstance(f, FileDiscovery) and f.root == tmp_path
+    # ETCD_LEASE_TTL reaches the discovery through args.py; a bad value is a typed error there.
+    parser = add_common_args(argparse.ArgumentParser())
+    monkeypatch.setenv("ETCD_LEASE_TTL", "9")
+    assert create_discovery(worker_config_from_args(parser.parse_args([]))).ttl == 9
     monkeypatch.setenv("ETCD_LEASE_TTL", "soon")
-    with pytest.raises(DynamoError):
-        create_discovery(WorkerConfig())
+    with pytest.raises(DynamoError, match="ETCD_LEASE_TTL"):
+        worker_config_from_args(parser.parse_args([]))
 
 
 # ------------------------------------------------------------------ etcd
@@ -533,7 +540,7 @@ async def test_real_frontend_lists_and_drops_our_registration(tmp_path: Path, ba
     import socket
 
     from backend_common.devstack.frontend import Frontend
-    from backend_common.status import StatusServer
+    from backend_common.runtime.status import StatusServer
 
     python = _frontend_python()
     model_dir = write_tiny_model(tmp_path / "tiny")

@@ -1,10 +1,10 @@
 """The health canary: payload precedence, the ``_HEALTH_CHECK`` marker, and ``/health``.
 
 Precedence (Dynamo's): the operator override (``--health-check-payload``, whose default is
-``DYN_HEALTH_CHECK_PAYLOAD``) > ``DYN_HEALTH_CHECK_PAYLOAD`` for configs built in code >
-``engine.health_check_payload()``; the winner is stamped ``_HEALTH_CHECK: true``. A worker
-whose engine fails the canary reports 503 on its status server's ``/health``, and 200 again
-once the canary passes.
+``DYN_HEALTH_CHECK_PAYLOAD``, both read by ``args.py``) > ``engine.health_check_payload()``;
+the winner is stamped ``_HEALTH_CHECK: true``; an invalid operator payload disables the
+canary. A worker whose engine fails the canary reports 503 on its status server's
+``/health``, and 200 again once the canary passes.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from inproc_worker import file_config, running_worker
 from backend_common import GenerateContext, LLMEngineOutput, PreprocessedRequest
 from backend_common.args import add_common_args, worker_config_from_args
 from backend_common.errors import unknown
-from backend_common.health import (
+from backend_common.reference import ReferenceEngine
+from backend_common.runtime.health import (
     build_health_check_payload,
     resolve_health_check_payload,
 )
-from backend_common.reference import ReferenceEngine
 
 ENGINE_PAYLOAD = {"token_ids": [3], "stop_conditions": {"max_tokens": 1}}
 
@@ -61,7 +61,8 @@ async def test_engine_payload_is_used_and_stamped(monkeypatch) -> None:
 
 async def test_env_beats_engine_and_override_beats_env(monkeypatch) -> None:
     monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", '{"token_ids": [9], "_HEALTH_CHECK": false}')
-    from_env = await resolve_health_check_payload(None, CanaryEngine())
+    config = worker_config_from_args(add_common_args(argparse.ArgumentParser()).parse_args([]))
+    from_env = await resolve_health_check_payload(config.health_check_payload, CanaryEngine())
     assert from_env == {"token_ids": [9], "_HEALTH_CHECK": True}  # marker forced on
     override = await resolve_health_check_payload({"token_ids": [4]}, CanaryEngine())
     assert override == {"token_ids": [4], "_HEALTH_CHECK": True}
@@ -81,10 +82,20 @@ async def test_flag_beats_env_through_the_cli(monkeypatch, tmp_path) -> None:
     assert flagged.health_check_payload == {"token_ids": [5], "_HEALTH_CHECK": True}
 
 
-async def test_invalid_payloads_disable_the_canary(monkeypatch) -> None:
+async def test_invalid_payloads_disable_the_canary(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", "[1, 2]")
-    assert await resolve_health_check_payload(None, CanaryEngine()) is None
+    config = worker_config_from_args(add_common_args(argparse.ArgumentParser()).parse_args([]))
+    assert config.health_check_payload is None and config.health_check_disabled
+    # The worker then runs no canary at all (not even the engine's payload).
+    engine = CanaryEngine()
+    async with running_worker(engine, file_config(tmp_path, health_check_disabled=True)) as (
+        worker,
+        _base,
+    ):
+        assert worker._health_payload is None
     monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD")
+    unset = worker_config_from_args(add_common_args(argparse.ArgumentParser()).parse_args([]))
+    assert not unset.health_check_disabled
     assert await resolve_health_check_payload(None, CanaryEngine(payload=[1])) is None  # type: ignore[arg-type]
 
 
@@ -104,7 +115,6 @@ async def get_health(base: str) -> tuple[int, dict[str, Any]]:
 
 
 async def test_health_reports_unhealthy_while_the_canary_fails(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
     monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD", raising=False)
     engine = CanaryEngine()
     async with running_worker(engine, file_config(tmp_path)) as (_worker, base):
@@ -127,7 +137,6 @@ async def test_health_reports_unhealthy_while_the_canary_fails(monkeypatch, tmp_
 
 
 async def test_override_payload_reaches_the_engine(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
     engine = CanaryEngine()
     config = file_config(tmp_path, health_check_payload={"token_ids": [8, 9]})
     async with running_worker(engine, config) as (_worker, base):
@@ -138,7 +147,6 @@ async def test_override_payload_reaches_the_engine(monkeypatch, tmp_path) -> Non
 
 @pytest.mark.parametrize("payload", [None])
 async def test_no_canary_means_healthy_while_serving(monkeypatch, tmp_path, payload) -> None:
-    monkeypatch.setenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
     monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD", raising=False)
     engine = CanaryEngine(payload=payload)
     async with running_worker(engine, file_config(tmp_path)) as (_worker, base):

@@ -78,7 +78,6 @@ async def scrape(base: str) -> dict[Any, float]:
 
 
 async def test_lifecycle_rank_and_engine_metrics_on_one_page(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
     monkeypatch.delenv("NATS_SERVER", raising=False)
     engine = RankedEngine()
     async with running_worker(engine, file_config(tmp_path)) as (worker, base):
@@ -125,7 +124,6 @@ async def test_lifecycle_rank_and_engine_metrics_on_one_page(monkeypatch, tmp_pa
 
 
 async def test_no_rank_gauges_without_kv_routing(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
     engine = RankedEngine()
     config = file_config(tmp_path, enable_kv_routing=False)
     async with running_worker(engine, config) as (_worker, base):

@@ -11,7 +11,7 @@ import pytest
 from backend_common.config import EngineConfig, WorkerConfig
 from backend_common.devstack.tinymodel import write_tiny_model
 from backend_common.errors import BackendError, DynamoError
-from backend_common.modelcard import (
+from backend_common.runtime.modelcard import (
     build_model_card,
     metadata_prefix,
     model_type_for,

@@ -6,6 +6,7 @@ certificates are made with the ``openssl`` CLI.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import re
@@ -20,6 +21,7 @@ from conftest import REPO, Stack, wait_until
 from test_e2e_serving import words
 
 from backend_common.args import add_common_args, worker_config_from_args
+from backend_common.config import WorkerConfig
 from backend_common.devstack.frontend import Frontend
 from backend_common.devstack.openai import chat
 from backend_common.devstack.services import (
@@ -33,8 +35,8 @@ from backend_common.devstack.services import (
 from backend_common.discovery.base import instance_key
 from backend_common.discovery.etcd import EtcdDiscovery
 from backend_common.errors import BackendError, DynamoError
-from backend_common.nats_options import nats_connect_options, redact_url
-from backend_common.status import StatusServer
+from backend_common.runtime.status import StatusServer
+from backend_common.transport.nats_options import nats_connect_options, redact_url
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -167,6 +169,15 @@ def tls_etcd(tmp_path: Path, tls_files: dict[str, str]):
         server.stop()
 
 
+def _settings() -> WorkerConfig:
+    """The ``WorkerConfig`` the current environment gives (``args.py`` reads every variable)."""
+    return worker_config_from_args(add_common_args(argparse.ArgumentParser()).parse_args([]))
+
+
+def _etcd_from_env(endpoint: str) -> EtcdDiscovery:
+    return EtcdDiscovery.from_options(endpoint, _settings().etcd)
+
+
 def _etcd_tls_env(files: dict[str, str], *, inline: bool) -> dict[str, str]:
     """Dynamo's variables; ``inline`` puts the PEM text in them (as Dynamo's Rust client reads
     them), otherwise the file paths (also accepted by this runtime)."""
@@ -181,7 +192,7 @@ async def test_etcd_mutual_tls_discovery(
     assert tls_etcd.endpoint.startswith("https://")
     for var, value in _etcd_tls_env(tls_files, inline=False).items():
         monkeypatch.setenv(var, value)
-    d = EtcdDiscovery.from_env(tls_etcd.endpoint)
+    d = _etcd_from_env(tls_etcd.endpoint)
     try:
         await d.connect()
         await d.put(instance_key("dynamo", "backend", "generate", d.instance_id), {"x": 1})
@@ -198,7 +209,7 @@ async def test_etcd_mutual_tls_discovery(
     for env in ({}, wrong_ca):
         for var, value in env.items():
             monkeypatch.setenv(var, value)
-        denied = EtcdDiscovery.from_env(tls_etcd.endpoint)
+        denied = _etcd_from_env(tls_etcd.endpoint)
         with pytest.raises(DynamoError) as err:
             await denied.connect()
         assert err.value.backend_error is BackendError.CannotConnect
@@ -206,14 +217,14 @@ async def test_etcd_mutual_tls_discovery(
         await denied.close()
     # Configuration mismatches are refused before any connection attempt.
     with pytest.raises(DynamoError) as err:  # TLS configured, plain endpoint: no downgrade
-        EtcdDiscovery.from_env(tls_etcd.endpoint.replace("https://", "http://"))
+        _etcd_from_env(tls_etcd.endpoint.replace("https://", "http://"))
     assert err.value.backend_error is BackendError.InvalidArgument
     monkeypatch.delenv("ETCD_AUTH_CA")
     with pytest.raises(DynamoError, match="ETCD_AUTH_CA"):
-        EtcdDiscovery.from_env(tls_etcd.endpoint)  # https:// without any TLS setting
+        _etcd_from_env(tls_etcd.endpoint)  # https:// without any TLS setting
     monkeypatch.setenv("ETCD_AUTH_CA", str(tmp_path / "missing.pem"))
     with pytest.raises(DynamoError, match="cannot read"):
-        EtcdDiscovery.from_env(tls_etcd.endpoint)
+        _etcd_from_env(tls_etcd.endpoint)
 
 
 @pytest.mark.e2e
@@ -277,7 +288,9 @@ def _nats_server(tmp_path: Path, *args: str) -> tuple[ManagedProcess, int]:
 
 
 async def _roundtrip(url: str) -> None:
-    nc = await nats.connect(**{**nats_connect_options(url), "max_reconnect_attempts": 0})
+    nc = await nats.connect(
+        **{**nats_connect_options(url, _settings().nats), "max_reconnect_attempts": 0}
+    )
     try:
         sub = await nc.subscribe("sec.test")
         await nc.publish("sec.test", b"ping")
@@ -288,7 +301,11 @@ async def _roundtrip(url: str) -> None:
 
 
 async def _refused(url: str) -> None:
-    opts = {**nats_connect_options(url), "max_reconnect_attempts": 0, "allow_reconnect": False}
+    opts = {
+        **nats_connect_options(url, _settings().nats),
+        "max_reconnect_attempts": 0,
+        "allow_reconnect": False,
+    }
     with pytest.raises(Exception):  # noqa: B017 - nats-py raises several error types here
         nc = await asyncio.wait_for(nats.connect(**opts), 10)
         await nc.close()

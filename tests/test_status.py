@@ -12,12 +12,12 @@ import pytest
 from prometheus_client import Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
-from backend_common import status
 from backend_common.config import EngineConfig, WorkerConfig
 from backend_common.devstack.tinymodel import write_tiny_model
-from backend_common.metrics import WorkerMetrics
-from backend_common.modelcard import build_model_card
-from backend_common.status import StatusServer
+from backend_common.runtime import status
+from backend_common.runtime.metrics import WorkerMetrics
+from backend_common.runtime.modelcard import build_model_card
+from backend_common.runtime.status import StatusServer
 
 
 def make_metrics() -> WorkerMetrics:

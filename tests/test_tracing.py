@@ -6,16 +6,17 @@ through the real ``EngineAdapter`` with a ``traceparent`` header, as the fronten
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import AsyncIterator
 
 import pytest
 from adapter_harness import run_request
 
 from backend_common import DisaggregationMode, GenerateContext, LLMEngineOutput, PreprocessedRequest
-from backend_common.adapter import EngineAdapter
 from backend_common.config import EngineConfig
 from backend_common.errors import invalid_arg
 from backend_common.reference import ReferenceEngine
+from backend_common.runtime.adapter import EngineAdapter
 
 sdk_trace = pytest.importorskip("opentelemetry.sdk.trace", reason="opentelemetry-sdk not installed")
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
@@ -23,7 +24,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
     InMemorySpanExporter,
 )
 
-from backend_common import tracing  # noqa: E402
+from backend_common import spans  # noqa: E402
+from backend_common.args import add_common_args, worker_config_from_args  # noqa: E402
+from backend_common.config import WorkerConfig  # noqa: E402
+from backend_common.runtime import tracing  # noqa: E402
+from backend_common.runtime.worker import Worker  # noqa: E402
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
@@ -39,16 +44,15 @@ class ChildSpanEngine(ReferenceEngine):
     ) -> AsyncIterator[LLMEngineOutput]:
         if 7 in request.token_ids:
             raise invalid_arg("token 7 is not allowed")
-        tracing.current_span().set_attribute("engine.batch", 1)
-        with tracing.start_span("kv_load", blocks=2):
+        spans.current_span().set_attribute("engine.batch", 1)
+        with spans.start_span("kv_load", blocks=2):
             pass
         async for item in super().generate(request, ctx):
             yield item
 
 
 @pytest.fixture
-def exporter(monkeypatch) -> InMemorySpanExporter:
-    monkeypatch.setenv("OTEL_EXPORT_ENABLED", "1")
+def exporter() -> InMemorySpanExporter:
     exp = InMemorySpanExporter()
     provider = sdk_trace.TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exp))
@@ -56,8 +60,31 @@ def exporter(monkeypatch) -> InMemorySpanExporter:
     return exp
 
 
-def adapter(mode: DisaggregationMode = DisaggregationMode.AGGREGATED) -> EngineAdapter:
-    return EngineAdapter(ChildSpanEngine("traced-model"), mode=mode, engine_config=ENGINE_CONFIG)
+def adapter(
+    mode: DisaggregationMode = DisaggregationMode.AGGREGATED, *, on: bool = True
+) -> EngineAdapter:
+    return EngineAdapter(
+        ChildSpanEngine("traced-model"),
+        mode=mode,
+        engine_config=ENGINE_CONFIG,
+        tracer=tracing.GenerateTracer.create(on, mode, ENGINE_CONFIG.model),
+    )
+
+
+def test_otel_export_enabled_turns_tracing_on_and_the_worker_passes_it_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parser = add_common_args(argparse.ArgumentParser())
+    monkeypatch.delenv("OTEL_EXPORT_ENABLED", raising=False)
+    assert worker_config_from_args(parser.parse_args([])).tracing is False
+    monkeypatch.setenv("OTEL_EXPORT_ENABLED", "1")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "my-backend")
+    config = worker_config_from_args(parser.parse_args([]))
+    assert config.tracing is True and config.otel_service_name == "my-backend"
+    for on in (True, False):
+        worker = Worker(ChildSpanEngine("m"), WorkerConfig(tracing=on))
+        worker.engine_config = ENGINE_CONFIG
+        assert (worker._build_adapter().tracer is not None) is on
 
 
 async def test_generate_span_records_the_request(exporter) -> None:
@@ -112,18 +139,17 @@ async def test_every_request_gets_its_own_span(exporter) -> None:
     assert all("itl_p50_ms" not in s.attributes for s in spans)  # needs two token items
 
 
-async def test_off_means_no_tracer_and_no_spans(monkeypatch) -> None:
-    monkeypatch.delenv("OTEL_EXPORT_ENABLED", raising=False)
+async def test_off_means_no_tracer_and_no_spans() -> None:
     exp = InMemorySpanExporter()
     provider = sdk_trace.TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exp))
     tracing.set_tracer_provider(provider)
-    a = adapter()
+    a = adapter(on=False)
     assert a.tracer is None  # the adapter's stream is not wrapped at all
     out = await run_request(a, {"token_ids": [1, 2], "stop_conditions": {"max_tokens": 2}})
     assert b"complete_final" in out
     assert exp.get_finished_spans() == ()
     # Engine-side helpers are silent no-ops.
-    with tracing.start_span("x", a=1) as span:
+    with spans.start_span("x", a=1) as span:
         span.set_attribute("k", "v")
-    assert not tracing.current_span().is_recording()
+    assert not spans.current_span().is_recording()

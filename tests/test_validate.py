@@ -1,15 +1,17 @@
-"""Debug stream validator (contract.md §3, rules S1 and S2)."""
+"""Debug stream validator (docs/contract.md, stream rules S1 and S2)."""
 
 from __future__ import annotations
+
+import argparse
 
 import pytest
 
 from backend_common import LLMEngineOutput, chunk
+from backend_common.args import add_common_args, worker_config_from_args
 from backend_common.config import DisaggregationMode
 from backend_common.validate import (
     S1_MESSAGE,
     ContractViolation,
-    enabled,
     maybe_validated,
     validated,
 )
@@ -137,43 +139,39 @@ async def test_validator_closes_the_engine_stream_when_consumer_stops() -> None:
 # -- switch -----------------------------------------------------------------------------------
 
 
-def test_enabled_reads_dyn_debug_validate(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_debug_validate_reads_dyn_debug_validate(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = add_common_args(argparse.ArgumentParser())
     monkeypatch.delenv("DYN_DEBUG_VALIDATE", raising=False)
-    assert not enabled()
+    assert not worker_config_from_args(parser.parse_args([])).debug_validate
     for on in ("1", "true", "YES", " on "):
         monkeypatch.setenv("DYN_DEBUG_VALIDATE", on)
-        assert enabled(), on
+        assert worker_config_from_args(parser.parse_args([])).debug_validate, on
     for off in ("0", "", "false", "no"):
         monkeypatch.setenv("DYN_DEBUG_VALIDATE", off)
-        assert not enabled(), off
+        assert not worker_config_from_args(parser.parse_args([])).debug_validate, off
 
 
-def test_disabled_returns_the_raw_stream_object(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DYN_DEBUG_VALIDATE", raising=False)
+def test_disabled_returns_the_raw_stream_object() -> None:
     raw = stream_of(LLMEngineOutput.stop())
-    assert maybe_validated(raw) is raw
-    assert maybe_validated(raw, DisaggregationMode.ENCODE) is raw
-    monkeypatch.setenv("DYN_DEBUG_VALIDATE", "1")
-    assert maybe_validated(raw, force=False) is raw
+    assert maybe_validated(raw, on=False) is raw
+    assert maybe_validated(raw, DisaggregationMode.ENCODE, on=False) is raw
 
 
-async def test_enabled_by_env_raises_s1(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DYN_DEBUG_VALIDATE", "1")
-    stream = maybe_validated(stream_of(LLMEngineOutput.stop(), chunk.token(9)))
+async def test_enabled_raises_s1() -> None:
+    stream = maybe_validated(stream_of(LLMEngineOutput.stop(), chunk.token(9)), on=True)
     with pytest.raises(ContractViolation) as info:
         await drain(stream)
     assert str(info.value) == S1_MESSAGE
 
 
-async def test_enabled_by_env_raises_s2_in_encode_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DYN_DEBUG_VALIDATE", "1")
-    stream = maybe_validated(stream_of(LLMEngineOutput.stop()), DisaggregationMode.ENCODE)
+async def test_enabled_raises_s2_in_encode_mode() -> None:
+    stream = maybe_validated(stream_of(LLMEngineOutput.stop()), DisaggregationMode.ENCODE, on=True)
     with pytest.raises(ContractViolation) as info:
         await drain(stream)
     assert str(info.value).startswith(S2_PREFIX)
 
 
-async def test_forced_on_without_env(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_on_needs_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DYN_DEBUG_VALIDATE", raising=False)
     with pytest.raises(ContractViolation):
-        await drain(maybe_validated(stream_of(LLMEngineOutput.stop(), chunk.token(1)), force=True))
+        await drain(maybe_validated(stream_of(LLMEngineOutput.stop(), chunk.token(1)), on=True))

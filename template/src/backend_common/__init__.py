@@ -28,7 +28,7 @@ from .types import (
 )
 
 if TYPE_CHECKING:
-    from .runner import run
+    from .runtime.runner import run
 
 __version__ = "0.1.0"
 
@@ -55,7 +55,7 @@ def __getattr__(name: str) -> Any:
     # `run` pulls in the whole worker (discovery, transports, HTTP); engine code and
     # the conformance kit should not pay for that import, so it is loaded on first use.
     if name == "run":
-        from .runner import run
+        from .runtime.runner import run
 
         return run
     raise AttributeError(f"module 'backend_common' has no attribute {name!r}")

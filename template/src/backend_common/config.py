@@ -1,10 +1,15 @@
 """What an engine tells the worker (``EngineConfig``) and how it is set up (``WorkerConfig``).
 
 ``from_args`` returns a ``WorkerConfig`` built from the shared CLI flags and
-environment variables (``args.py``); ``start()`` returns an ``EngineConfig``
-with the facts only a running engine knows (context length, KV block size,
-capacity). Every ``EngineConfig`` field but ``model`` is optional: ``None``
-means "not advertised".
+environment variables (``args.py``, the only place the environment is read);
+``start()`` returns an ``EngineConfig`` with the facts only a running engine
+knows (context length, KV block size, capacity). Every ``EngineConfig`` field
+but ``model`` is optional: ``None`` means "not advertised".
+
+``WorkerConfig`` holds every setting of the worker, transports and discovery
+included; a ``WorkerConfig`` built in code gets the documented defaults, never
+values from the environment. The reference of every flag and variable:
+``python -m backend_common.args --markdown``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,17 @@ from typing import Any
 
 from .errors import invalid_arg
 
-__all__ = ["DisaggregationMode", "EngineConfig", "WorkerConfig"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DisaggregationMode",
+    "EngineConfig",
+    "EtcdOptions",
+    "NatsOptions",
+    "WorkerConfig",
+]
+
+DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
+"""Longest request body the request plane accepts (Dynamo's ``DYN_TCP_MAX_MESSAGE_SIZE``)."""
 
 
 class DisaggregationMode(StrEnum):
@@ -66,6 +81,33 @@ class EngineConfig:
 
 
 @dataclass
+class NatsOptions:
+    """How the worker authenticates to NATS (request plane and event plane).
+
+    Credentials may also travel in ``WorkerConfig.nats_server`` URLs
+    (``nats://user:password@host:port``). Any TLS field, or a ``tls://`` URL, turns TLS
+    on; the files are checked when the connection is made.
+    """
+
+    auth_token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass
+class EtcdOptions:
+    """The etcd lease and credentials. TLS values are PEM file paths or inline PEM text."""
+
+    lease_ttl: int = 10
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_client_cert: str | None = None
+    tls_client_key: str | None = None
+
+
+@dataclass
 class WorkerConfig:
     """How the worker registers and serves. Built by ``from_args``; read by ``run``.
 
@@ -92,6 +134,8 @@ class WorkerConfig:
     enable_kv_routing: bool = True
     migration_limit: int = 0
     health_check_payload: dict[str, Any] | None = None
+    # An operator payload was given but is not a JSON object: no canary at all (not the engine's).
+    health_check_disabled: bool = False
     metrics_labels: list[tuple[str, str]] = field(default_factory=list)
     # Connection settings (flags or the usual env vars).
     etcd_endpoints: str = "http://localhost:2379"
@@ -101,9 +145,28 @@ class WorkerConfig:
     tcp_port: int = 0
     system_host: str = "127.0.0.1"
     system_port: int | None = None
+    etcd: EtcdOptions = field(default_factory=EtcdOptions)
+    nats: NatsOptions = field(default_factory=NatsOptions)
+    # Request plane and serving.
+    request_plane_codec: str = "json"
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    engine_stream_timeout: float | None = None
+    debug_validate: bool = False
+    # Shutdown (see docs/architecture.md#shutdown-sequence).
+    graceful_shutdown_grace_period: float = 5.0
+    graceful_shutdown_timeout: float = 30.0
+    # Observability.
+    log_filter: str = "info"
+    tracing: bool = False
+    otel_service_name: str = "backend_common"
 
     def __post_init__(self) -> None:
         self.disaggregation_mode = DisaggregationMode.parse(self.disaggregation_mode)
+        if self.request_plane_codec not in ("json", "msgpack"):
+            raise invalid_arg(
+                f"unknown request plane codec '{self.request_plane_codec}' "
+                "(expected json or msgpack)"
+            )
         if self.discovery_backend not in ("etcd", "file"):
             raise invalid_arg(
                 f"unknown discovery backend '{self.discovery_backend}' (expected etcd or file)"

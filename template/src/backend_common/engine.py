@@ -7,8 +7,10 @@ Call order, all by the worker (``run``), never concurrently unless stated:
 2. ``await start(worker_id)`` exactly once. After it returns the engine must
    accept concurrent ``generate`` calls. ``worker_id`` is the discovery
    instance id: opaque, unique per replica.
-3. ``await setup_metrics(registry)`` once, then ``await kv_event_sources()``
-   once (only when KV routing is on), then ``await health_check_payload()``.
+3. ``await setup_metrics(registry)`` once; then, only when KV routing is on,
+   ``await kv_event_sources()`` and ``component_metrics_dp_ranks()`` once each,
+   and ``attach_snapshot_publisher(publisher)`` once if ranks were declared;
+   then ``await health_check_payload()``.
 4. Serving: ``generate(request, ctx)`` concurrently, once per request.
    ``abort(ctx)`` at most once per request, only when the client or operator
    cancelled it (never on a natural finish, never on a silent drop).
@@ -37,6 +39,9 @@ from .types import LLMEngineOutput, PreprocessedRequest
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+
+    from .kv_events import PushSource, ZmqSource
+    from .publisher import SnapshotPublisher
 
 __all__ = ["LLMEngine"]
 
@@ -85,6 +90,27 @@ class LLMEngine(ABC):
         Called once per worker; must be safe to call again (the conformance kit does).
         """
 
-    async def kv_event_sources(self) -> list[Any]:
-        """KV event sources, one per data-parallel rank (see ``kv_events``). Default: none."""
+    async def kv_event_sources(self) -> list[PushSource | ZmqSource]:
+        """KV event sources, one per data-parallel rank (see ``kv_events``). Default: none.
+
+        Called once, only when KV routing is on. Each ``PushSource`` gets its
+        ``KvEventPublisher`` through ``on_ready`` before the worker registers.
+        """
         return []
+
+    def component_metrics_dp_ranks(self) -> list[int]:
+        """The data-parallel ranks this engine reports KV cache snapshots for. Default: none.
+
+        Called once, only when KV routing is on. A non-empty list makes the worker
+        build one ``SnapshotPublisher`` (``publisher``) and hand it to
+        ``attach_snapshot_publisher``; an empty one means no ``dynamo_component_*``
+        gauges and no load signal to the KV router.
+        """
+        return []
+
+    def attach_snapshot_publisher(self, publisher: SnapshotPublisher) -> None:  # noqa: B027
+        """Keep ``publisher`` to report KV cache snapshots (see ``publisher``). Default: drop it.
+
+        Called at most once, after ``component_metrics_dp_ranks`` returned ranks and
+        before the first request. ``publisher.publish`` may be called from any thread.
+        """

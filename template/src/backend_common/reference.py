@@ -115,7 +115,7 @@ class ReferenceEngine(LLMEngine):
 
 
 def main() -> None:
-    from .runner import run
+    from .runtime.runner import run
 
     run(ReferenceEngine)
 

@@ -9,19 +9,19 @@
 
 To see S1 the wrapper asks the engine for one more item after the terminal,
 so it is a debug tool: on in the conformance kit and in test suites, on in a
-worker only with ``DYN_DEBUG_VALIDATE=1``. When off, ``maybe_validated``
-returns the engine's stream itself, so production pays nothing per chunk.
+worker only with ``WorkerConfig.debug_validate`` (``DYN_DEBUG_VALIDATE=1``). When
+off, ``maybe_validated`` returns the engine's stream itself, so production pays
+nothing per chunk. The rules themselves: ``docs/contract.md#stream-rules``.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 
 from .config import DisaggregationMode
 from .types import FinishReason, LLMEngineOutput
 
-__all__ = ["ContractViolation", "enabled", "maybe_validated", "validated"]
+__all__ = ["ContractViolation", "maybe_validated", "validated"]
 
 S1_MESSAGE = (
     "LLMEngine contract violation: item yielded after terminal item "
@@ -31,10 +31,6 @@ S1_MESSAGE = (
 
 class ContractViolation(AssertionError):
     """An engine broke a stream rule. Raised only when validation is on."""
-
-
-def enabled() -> bool:
-    return os.environ.get("DYN_DEBUG_VALIDATE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _check_encode_terminal(item: LLMEngineOutput) -> None:
@@ -85,7 +81,7 @@ def maybe_validated(
     stream: AsyncIterator[LLMEngineOutput],
     mode: DisaggregationMode = DisaggregationMode.AGGREGATED,
     *,
-    force: bool | None = None,
+    on: bool,
 ) -> AsyncIterator[LLMEngineOutput]:
-    on = enabled() if force is None else force
+    """``validated(stream, mode)`` when ``on``, else ``stream`` itself (no cost per item)."""
     return validated(stream, mode) if on else stream

@@ -47,14 +47,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 
@@ -64,12 +63,6 @@ except ImportError:  # a runtime dependency; guarded so the worker imports witho
     xxhash = None
 
 from .errors import invalid_arg
-
-if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
-
-    from .config import EngineConfig, WorkerConfig
-    from .engine import LLMEngine
 
 __all__ = [
     "KV_EVENTS_TOPIC",
@@ -84,7 +77,6 @@ __all__ = [
     "event_channel_record",
     "event_source_record",
     "sequence_block_hashes",
-    "setup_kv_routing",
     "subject_prefix",
     "tokens_hash",
 ]
@@ -422,71 +414,3 @@ class EventPlane:
             await asyncio.wait_for(self._nc.drain(), 2.0)
         except Exception:  # noqa: BLE001
             await self._nc.close()
-
-
-# -- worker wiring -------------------------------------------------------------------------
-def _event_plane_kind(config: WorkerConfig) -> str | None:
-    # Dynamo picks NATS when a NATS server is configured and no plane was named.
-    if config.event_plane:
-        return config.event_plane
-    return "nats" if os.environ.get("NATS_SERVER") else None
-
-
-async def setup_kv_routing(
-    engine: LLMEngine,
-    config: WorkerConfig,
-    engine_config: EngineConfig,
-    worker_id: int,
-    registry: CollectorRegistry,
-    labels: dict[str, str],
-) -> EventPlane | None:
-    """Called once by the worker, when KV routing is on, after ``engine.setup_metrics``.
-
-    Calls ``engine.kv_event_sources()`` and (when defined) ``component_metrics_dp_ranks()``;
-    connects the NATS event plane if either asks for it; hands each ``PushSource`` its
-    ``KvEventPublisher`` and the engine its ``SnapshotPublisher``. Returns the event plane
-    (its ``records`` go to discovery) or None when nothing is published. A source of an
-    unknown type raises ``TypeError``.
-    """
-    from .publisher import SnapshotPublisher
-
-    sources = list(await engine.kv_event_sources() or [])
-    for src in sources:
-        if type(src).__name__ not in ("PushSource", "ZmqSource"):
-            raise TypeError(
-                f"kv_event_sources() returned unknown descriptor type {type(src).__name__}; "
-                "expected ZmqSource or PushSource"
-            )
-    ranks_hook = getattr(engine, "component_metrics_dp_ranks", None)
-    ranks = [int(r) for r in (ranks_hook() if callable(ranks_hook) else []) or []]
-    if not sources and not ranks:
-        return None
-    plane: EventPlane | None = None
-    kind = _event_plane_kind(config)
-    if kind == "nats":
-        plane = await EventPlane.connect(
-            config.nats_server, config.namespace, config.component, config.endpoint, worker_id
-        )
-    else:
-        log.warning(
-            "event plane %r is not supported by backend_common (use --event-plane nats): "
-            "no KV events or load metrics reach the KV router",
-            kind,
-        )
-    block_size = engine_config.kv_cache_block_size
-    for src in sources:
-        if type(src).__name__ == "ZmqSource":
-            log.warning("ZmqSource is not supported; rank %s publishes no KV events", src.dp_rank)
-            continue
-        if plane is None:
-            continue
-        if not block_size:
-            log.warning("EngineConfig.kv_cache_block_size is not set: KV events are disabled")
-            break
-        src.on_ready(plane.kv_publisher(int(src.dp_rank), int(block_size)))
-    if ranks:
-        attach = getattr(engine, "attach_snapshot_publisher", None)
-        snapshots = SnapshotPublisher(registry, labels, ranks, plane.load if plane else None)
-        if callable(attach):
-            attach(snapshots)
-    return plane

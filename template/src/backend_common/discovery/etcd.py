@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ import grpc
 from aetcd import rpc, watcher
 from aetcd.client import _handle_errors  # maps grpc errors to aetcd's types (TlsClient)
 
+from ..config import EtcdOptions
 from ..errors import DynamoError, cannot_connect, invalid_arg, unknown
 from .base import Discovery, rebind_key, rebind_record
 
@@ -117,8 +117,9 @@ def parse_endpoints(endpoints: str, *, tls: bool = False) -> list[tuple[str, int
 class EtcdTls:
     """TLS material for the etcd client: PEM bytes of the CA and, optionally, client identity.
 
-    ``from_env()`` reads ``ETCD_AUTH_CA`` / ``ETCD_AUTH_CLIENT_CERT`` / ``ETCD_AUTH_CLIENT_KEY``
-    (each a file path or inline PEM text) and returns ``None`` when none is set.
+    ``from_options(options)`` takes ``EtcdOptions.tls_ca`` / ``tls_client_cert`` /
+    ``tls_client_key`` (``ETCD_AUTH_CA`` / ``ETCD_AUTH_CLIENT_CERT`` / ``ETCD_AUTH_CLIENT_KEY``,
+    each a file path or inline PEM text) and returns ``None`` when none is set.
     """
 
     def __init__(self, ca: bytes, cert: bytes | None = None, key: bytes | None = None) -> None:
@@ -127,11 +128,10 @@ class EtcdTls:
         self.ca, self.cert, self.key = ca, cert, key
 
     @classmethod
-    def from_env(cls) -> EtcdTls | None:
-        ca, cert, key = (
-            os.environ.get(f"ETCD_AUTH_{name}") or None
-            for name in ("CA", "CLIENT_CERT", "CLIENT_KEY")
-        )
+    def from_options(cls, options: EtcdOptions) -> EtcdTls | None:
+        ca = options.tls_ca or None
+        cert = options.tls_client_cert or None
+        key = options.tls_client_key or None
         if ca is None and cert is None and key is None:
             return None
         if ca is None:
@@ -242,20 +242,15 @@ class EtcdDiscovery(Discovery):
         self.reregistrations = 0  # how many times a lost lease was replaced
 
     @classmethod
-    def from_env(cls, endpoints: str) -> EtcdDiscovery:
-        """Read ``ETCD_LEASE_TTL``, ``ETCD_AUTH_USERNAME`` / ``_PASSWORD``, ``ETCD_AUTH_CA`` /
-        ``_CLIENT_CERT`` / ``_CLIENT_KEY`` (see ``EtcdTls.from_env``)."""
-        ttl_s = os.environ.get("ETCD_LEASE_TTL", "").strip()
-        try:
-            ttl = int(ttl_s) if ttl_s else DEFAULT_TTL
-        except ValueError:
-            raise invalid_arg(f"ETCD_LEASE_TTL must be an integer, got {ttl_s!r}") from None
+    def from_options(cls, endpoints: str, options: EtcdOptions | None = None) -> EtcdDiscovery:
+        """A client for ``endpoints`` with ``options`` (lease TTL, user, TLS: ``EtcdOptions``)."""
+        options = options or EtcdOptions()
         return cls(
             endpoints,
-            ttl=ttl,
-            username=os.environ.get("ETCD_AUTH_USERNAME") or None,
-            password=os.environ.get("ETCD_AUTH_PASSWORD") or None,
-            tls=EtcdTls.from_env(),
+            ttl=options.lease_ttl,
+            username=options.username or None,
+            password=options.password or None,
+            tls=EtcdTls.from_options(options),
         )
 
     # -- properties ---------------------------------------------------------------

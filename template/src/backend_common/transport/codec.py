@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,23 +65,15 @@ class WireError(ValueError):
     """Malformed or oversized input on the wire; the message says what is wrong."""
 
 
-def _max_message_len() -> int:
-    raw = os.environ.get("DYN_TCP_MAX_MESSAGE_SIZE", "")
-    try:
-        value = int(raw) if raw.strip() else 32 * 1024 * 1024
-    except ValueError:
-        value = 32 * 1024 * 1024
-    return value if value > 0 else 32 * 1024 * 1024
-
-
 MAX_PATH_LEN = 1024
 """Longest request-frame path in bytes (Dynamo's limit)."""
 MAX_HEADERS_LEN = 64 * 1024
 """Longest request-frame header block (the u16 prefix cannot exceed it anyway)."""
 MAX_CONTROL_LEN = 128 * 1024
 """Longest TwoPart header: the JSON control message, or a call-home control frame."""
-MAX_MESSAGE_LEN = _max_message_len()
-"""Longest request body / TwoPart body: ``DYN_TCP_MAX_MESSAGE_SIZE``, default 32 MiB."""
+MAX_MESSAGE_LEN = 32 * 1024 * 1024
+"""Default longest request body / TwoPart body (32 MiB). The worker passes its own bound,
+``WorkerConfig.max_message_size`` (``DYN_TCP_MAX_MESSAGE_SIZE``), to the readers."""
 
 CODECS = ("json", "msgpack")
 
@@ -122,11 +113,13 @@ def _parse_headers(raw: bytes) -> dict[str, str]:
     return obj
 
 
-async def read_request_frame(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
+async def read_request_frame(
+    reader: asyncio.StreamReader, *, max_body: int = MAX_MESSAGE_LEN
+) -> tuple[str, dict[str, str], bytes]:
     """Read one request frame: ``(path, headers, body)``.
 
     Raises ``WireError`` for a bad path length, a path that is not UTF-8, or a body longer than
-    ``MAX_MESSAGE_LEN`` (checked before the body is read); ``asyncio.IncompleteReadError`` when
+    ``max_body`` (checked before the body is read); ``asyncio.IncompleteReadError`` when
     the stream ends first (``partial == b""`` at a frame boundary means a clean close).
     """
     (plen,) = _U16.unpack(await reader.readexactly(2))
@@ -142,8 +135,8 @@ async def read_request_frame(reader: asyncio.StreamReader) -> tuple[str, dict[st
         raise WireError(f"request headers length {hlen} exceeds {MAX_HEADERS_LEN}")
     headers = _parse_headers(await reader.readexactly(hlen)) if hlen else {}
     (blen,) = _U32.unpack(await reader.readexactly(4))
-    if blen > MAX_MESSAGE_LEN:
-        raise WireError(f"request body length {blen} exceeds the maximum {MAX_MESSAGE_LEN}")
+    if blen > max_body:
+        raise WireError(f"request body length {blen} exceeds the maximum {max_body}")
     body = await reader.readexactly(blen) if blen else b""
     return path, headers, body
 

@@ -38,16 +38,15 @@ __all__ = [
 def create_discovery(config: WorkerConfig) -> Discovery:
     """The backend for ``config``; not connected yet (call ``connect()``).
 
-    etcd: ``config.etcd_endpoints`` plus, from the environment, ``ETCD_LEASE_TTL`` (default
-    10 s), ``ETCD_AUTH_USERNAME`` / ``ETCD_AUTH_PASSWORD`` and, for TLS (``https://``
-    endpoints), ``ETCD_AUTH_CA`` / ``ETCD_AUTH_CLIENT_CERT`` / ``ETCD_AUTH_CLIENT_KEY``
-    (PEM file paths or PEM text; see ``etcd.EtcdTls``).
-    file: ``config.file_kv``, else ``DYN_FILE_KV``, else ``$TMPDIR/dynamo_store_kv``.
+    etcd: ``config.etcd_endpoints`` and ``config.etcd`` (lease TTL, default 10 s; user and
+    password; for ``https://`` endpoints the TLS CA and client certificate, PEM file paths
+    or PEM text; see ``etcd.EtcdTls``).
+    file: ``config.file_kv`` (``DYN_FILE_KV``), else ``$TMPDIR/dynamo_store_kv``.
     """
     if config.discovery_backend == "etcd":
         from .etcd import EtcdDiscovery
 
-        return EtcdDiscovery.from_env(config.etcd_endpoints)
+        return EtcdDiscovery.from_options(config.etcd_endpoints, config.etcd)
     if config.discovery_backend == "file":
         from .file import FileDiscovery, default_root
 

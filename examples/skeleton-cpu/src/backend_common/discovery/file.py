@@ -43,8 +43,11 @@ DEFAULT_FILE_TTL = 10.0
 
 
 def default_root() -> str:
-    """``$DYN_FILE_KV`` or ``$TMPDIR/dynamo_store_kv``, as the frontend resolves it."""
-    return os.environ.get("DYN_FILE_KV") or os.path.join(tempfile.gettempdir(), "dynamo_store_kv")
+    """``$TMPDIR/dynamo_store_kv``: the frontend's root when ``DYN_FILE_KV`` is unset.
+
+    ``DYN_FILE_KV`` itself is read by ``args.py`` into ``WorkerConfig.file_kv``.
+    """
+    return os.path.join(tempfile.gettempdir(), "dynamo_store_kv")
 
 
 def encode_key(rest: str) -> str:

@@ -1,4 +1,4 @@
-"""NATS request plane (wire.md §3.7), opt-in with ``DYN_REQUEST_PLANE=nats``.
+"""NATS request server (docs/wire-protocol.md#nats-request-plane), opt-in (``DYN_REQUEST_PLANE``).
 
 The frontend sends one NATS request per call on ``{ns}_{comp}.{ep}-{id:x}``; the payload is the
 TwoPart message itself (no TCP request frame) and the headers carry ``request-id`` etc. The worker
@@ -14,10 +14,11 @@ handler task; handler exceptions are logged.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+
+from .dispatch import HandlerTasks
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -50,11 +51,11 @@ class NatsRequestServer:
         # One subscription per subject: the endpoint's, plus the subject of each new instance
         # id after a re-registration (the old one keeps serving requests routed before).
         self._subs: list[Subscription] = []
-        self._handler_tasks: set[asyncio.Task[Any]] = set()
+        self._handlers = HandlerTasks()
 
     @property
     def handler_tasks(self) -> frozenset[asyncio.Task[Any]]:
-        return frozenset(self._handler_tasks)
+        return self._handlers.tasks
 
     async def start(self) -> None:
         """Subscribe (queue group ``q``) and flush so the subscription is live on return."""
@@ -108,17 +109,4 @@ class NatsRequestServer:
         if error is not None:
             return
         headers = {str(k): str(v) for k, v in (msg.headers or {}).items()}
-        try:
-            result = self._handle(subject, headers, msg.data)
-        except Exception:
-            log.exception("request handler for %r failed", subject)
-            return
-        if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
-            self._handler_tasks.add(task)
-            task.add_done_callback(self._handler_done)
-
-    def _handler_done(self, task: asyncio.Task[Any]) -> None:
-        self._handler_tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("request handler failed", exc_info=exc)
+        self._handlers.dispatch(self._handle, subject, subject, headers, msg.data)

@@ -1,4 +1,4 @@
-"""TCP request plane server (wire.md §3.1-§3.3).
+"""TCP request plane server (docs/wire-protocol.md#tcp-request-plane).
 
 One ``TcpRequestServer`` per worker process serves every endpoint; the frame path
 (``{id:x}/{ns}/{comp}/{ep}``) says which. The frontend keeps persistent connections and
@@ -19,13 +19,13 @@ accepting and closes connections but leaves handler tasks running: the worker dr
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .codec import WireError, encode_ack, read_request_frame
+from .codec import MAX_MESSAGE_LEN, WireError, encode_ack, read_request_frame
+from .dispatch import HandlerTasks
 
 __all__ = ["TcpRequestServer"]
 
@@ -49,14 +49,23 @@ def set_nodelay(writer: asyncio.StreamWriter) -> None:
 class TcpRequestServer:
     """Accepts request frames, ACKs them in order, and dispatches accepted ones to ``handle``."""
 
-    def __init__(self, host: str, port: int, *, admit: Admit, handle: Handle) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        admit: Admit,
+        handle: Handle,
+        max_body: int = MAX_MESSAGE_LEN,
+    ) -> None:
         self._bind_host = host
         self._bind_port = port
         self._admit = admit
         self._handle = handle
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
-        self._handler_tasks: set[asyncio.Task[Any]] = set()
+        self._handlers = HandlerTasks()
+        self._max_body = max_body
         self._closing = False
 
     async def start(self) -> None:
@@ -85,7 +94,7 @@ class TcpRequestServer:
     @property
     def handler_tasks(self) -> frozenset[asyncio.Task[Any]]:
         """Handler tasks still running (for a worker that wants to await them on shutdown)."""
-        return frozenset(self._handler_tasks)
+        return self._handlers.tasks
 
     async def close(self) -> None:
         """Stop accepting, close every connection, wait (bounded) for their readers to end.
@@ -131,7 +140,7 @@ class TcpRequestServer:
     ) -> None:
         while not self._closing:
             try:
-                path, headers, body = await read_request_frame(reader)
+                path, headers, body = await read_request_frame(reader, max_body=self._max_body)
             except asyncio.IncompleteReadError as exc:
                 if exc.partial:
                     log.warning("request connection %s closed mid-frame", peer)
@@ -144,7 +153,7 @@ class TcpRequestServer:
             error = self._call_admit(path)
             writer.write(encode_ack(error))
             if error is None:
-                self._dispatch(path, headers, body)
+                self._handlers.dispatch(self._handle, path, path, headers, body)
             try:
                 # Back-pressure only: returns at once unless the peer stopped reading ACKs.
                 await writer.drain()
@@ -157,19 +166,3 @@ class TcpRequestServer:
         except Exception:
             log.exception("admit(%r) failed", path)
             return "Server unavailable: request admission failed"
-
-    def _dispatch(self, path: str, headers: dict[str, str], body: bytes) -> None:
-        try:
-            result = self._handle(path, headers, body)
-        except Exception:
-            log.exception("request handler for %r failed", path)
-            return
-        if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
-            self._handler_tasks.add(task)
-            task.add_done_callback(self._handler_done)
-
-    def _handler_done(self, task: asyncio.Task[Any]) -> None:
-        self._handler_tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("request handler failed", exc_info=exc)

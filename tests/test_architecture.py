@@ -1,0 +1,215 @@
+"""The runtime's architecture, kept so by test: import directions, one config source, doc links.
+
+* Import graph of ``backend_common`` (every ``import`` statement, at module level, under
+  ``TYPE_CHECKING`` or inside a function): no cycle; the engine-facing top level never
+  imports ``runtime/`` except ``runtime.runner`` (``run``) lazily, inside a function or for
+  type checking; ``transport/``, ``discovery/`` and ``devstack/`` never import ``runtime/``;
+  nothing but ``runtime.runner`` imports the worker.
+* Environment: only the configuration module (``args.py``) reads ``os.environ``. ``devstack/``
+  is exempt: it is the developer's tool that starts etcd, NATS and the frontend for tests and
+  demos (it passes environments to child processes), never part of a worker.
+* Documents: every ``*.md`` reference in the runtime (docstrings, comments, the vendored
+  documents' own links) names a file that exists in the runtime and, with ``#anchor``, a
+  heading of that file.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+RUNTIME = Path(__file__).resolve().parents[1] / "template" / "src" / "backend_common"
+PKG = "backend_common"
+
+
+def _modules() -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for path in RUNTIME.rglob("*.py"):
+        if "__pycache__" in path.parts:
+            continue
+        rel = path.relative_to(RUNTIME).with_suffix("")
+        parts = [PKG, *rel.parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+class _Imports(ast.NodeVisitor):
+    """Collect (target module, lazy) for every import; lazy = inside a function or TYPE_CHECKING."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+        self.depth = 0
+        self.found: list[tuple[str, bool]] = []
+
+    def _resolve(self, level: int, name: str | None) -> str:
+        if level == 0:
+            return name or ""
+        base = self.module.split(".")
+        if not _is_package(self.module):
+            base = base[:-1]
+        base = base[: len(base) - (level - 1)]
+        return ".".join([*base, name] if name else base)
+
+    def _add(self, target: str) -> None:
+        if not target.startswith(PKG):
+            return
+        # The deepest known module the import names.
+        while target and target not in MODULES:
+            target = target.rpartition(".")[0]
+        if target:
+            self.found.append((target, self.depth > 0))
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            self._add(alias.name)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        base = self._resolve(node.level, node.module)
+        for alias in node.names:
+            sub = f"{base}.{alias.name}"
+            self._add(sub if sub in MODULES else base)
+
+    def _nested(self, node: ast.AST) -> None:
+        self.depth += 1
+        self.generic_visit(node)
+        self.depth -= 1
+
+    visit_FunctionDef = _nested
+    visit_AsyncFunctionDef = _nested
+
+    def visit_If(self, node: ast.If) -> None:
+        test = node.test
+        if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+            isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+        ):
+            self._nested(node)
+        else:
+            self.generic_visit(node)
+
+
+def _graph() -> dict[str, list[tuple[str, bool]]]:
+    graph = {}
+    for name, path in MODULES.items():
+        visitor = _Imports(name)
+        visitor.visit(ast.parse(path.read_text(encoding="utf-8")))
+        graph[name] = [(t, lazy) for t, lazy in visitor.found if t != name]
+    return graph
+
+
+GRAPH = _graph()
+
+
+def _area(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in ("runtime", "transport", "discovery", "devstack"):
+        return parts[1]
+    return "engine-facing"
+
+
+def test_the_graph_sees_the_runtime() -> None:
+    # Guards the parser: known edges must be found, or every rule below passes vacuously.
+    assert ("backend_common.runtime.worker", False) in GRAPH["backend_common.runtime.runner"]
+    assert ("backend_common.runtime.runner", True) in GRAPH["backend_common"]
+    assert ("backend_common.errors", False) in GRAPH["backend_common.discovery.base"]
+
+
+def test_no_import_cycle() -> None:
+    # Module-level imports only would allow lazy cycles; the rule is stricter: none at all,
+    # except a package importing its own submodules (``transport/__init__`` re-exports).
+    edges = {
+        m: {t for t, _ in targets if not (_is_package(t) and m.startswith(t + "."))}
+        for m, targets in GRAPH.items()
+    }
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+    assert cycles == []
+
+
+def test_engine_facing_modules_import_runtime_only_for_run_and_lazily() -> None:
+    bad = [
+        (m, t, lazy)
+        for m, targets in GRAPH.items()
+        if _area(m) == "engine-facing"
+        for t, lazy in targets
+        if _area(t) == "runtime" and not (t == "backend_common.runtime.runner" and lazy)
+    ]
+    assert bad == []
+
+
+@pytest.mark.parametrize("area", ["transport", "discovery", "devstack"])
+def test_transport_discovery_devstack_never_import_runtime(area: str) -> None:
+    bad = [
+        (m, t)
+        for m, targets in GRAPH.items()
+        if _area(m) == area
+        for t, _ in targets
+        if _area(t) == "runtime"
+    ]
+    assert bad == []
+
+
+def test_only_the_runner_imports_the_worker() -> None:
+    importers = sorted(
+        m for m, targets in GRAPH.items() if any(t == f"{PKG}.runtime.worker" for t, _ in targets)
+    )
+    assert importers == [f"{PKG}.runtime.runner"]
+
+
+# -- environment -------------------------------------------------------------------------
+CONFIG_MODULES = {"args.py"}
+# devstack/ is a developer tool (starts etcd, NATS, the frontend for tests and demos).
+ENV_EXEMPT_DIRS = {"devstack"}
+
+
+def _env_reads(path: Path) -> list[int]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "environb"):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.module == "os":
+            if any(a.name in ("environ", "getenv", "environb") for a in node.names):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_config_module_reads_the_environment() -> None:
+    offenders = {}
+    for path in sorted(RUNTIME.rglob("*.py")):
+        rel = path.relative_to(RUNTIME)
+        if rel.parts[0] in ENV_EXEMPT_DIRS or rel.as_posix() in CONFIG_MODULES:
+            continue
+        if lines := _env_reads(path):
+            offenders[rel.as_posix()] = lines
+    assert offenders == {}
+
+
+def test_the_env_scanner_finds_reads() -> None:
+    assert _env_reads(RUNTIME / "args.py"), "args.py reads the environment; the scanner must see it"

@@ -1,0 +1,170 @@
+"""One configuration object: every setting is a ``WorkerConfig`` field, read once by ``args.py``.
+
+* every environment variable in ``args.SETTINGS`` reaches its field, and a flag beats it;
+* every ``WorkerConfig`` field (and sub-object field) is in the table, except the few that
+  only engine code sets (listed here with the reason);
+* a ``WorkerConfig`` built in code ignores the environment;
+* the settings reference in the vendored docs is exactly what ``args`` generates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backend_common.args import (
+    SETTINGS,
+    add_common_args,
+    settings_markdown,
+    worker_config_from_args,
+)
+from backend_common.config import WorkerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+RUNTIME = REPO / "template" / "src" / "backend_common"
+SETTINGS_DOC = RUNTIME / "docs" / "settings.md"
+
+# Fields with no flag and no variable: set by engine code (from_args / from_config) only.
+CODE_ONLY = {
+    "exclude_tools_when_tool_choice_none": "a model-card fact the engine knows",
+    "enable_local_indexer": "a model-card fact the engine knows",
+    "metrics_labels": "extra Prometheus labels chosen by the engine",
+    "health_check_disabled": "derived by args.py from an invalid operator payload",
+}
+
+# A value for each variable that differs from its default (text as an operator writes it).
+SAMPLES: dict[str, tuple[str, Any]] = {
+    "discovery_backend": ("file", "file"),
+    "request_plane": ("nats", "nats"),
+    "event_plane": ("zmq", "zmq"),
+    "disaggregation_mode": ("prefill", "prefill"),
+    "health_check_payload": ('{"token_ids": [1]}', {"token_ids": [1], "_HEALTH_CHECK": True}),
+    "enable_kv_routing": ("1", False),
+    "migration_limit": ("3", 3),
+    "structural_tag": ('{"scope": "always"}', {"scope": "always"}),
+    "tcp_port": ("4567", 4567),
+    "system_port": ("9345", 9345),
+    "etcd.lease_ttl": ("7", 7),
+    "request_plane_codec": ("msgpack", "msgpack"),
+    "max_message_size": ("1024", 1024),
+    "engine_stream_timeout": ("1.5", 1.5),
+    "debug_validate": ("1", True),
+    "graceful_shutdown_grace_period": ("0.5", 0.5),
+    "graceful_shutdown_timeout": ("2", 2.0),
+    "log_filter": ("debug", "debug"),
+    "tracing": ("1", True),
+}
+
+
+def _get(config: WorkerConfig, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _config(argv: list[str] | None = None) -> WorkerConfig:
+    return worker_config_from_args(
+        add_common_args(argparse.ArgumentParser()).parse_args(argv or [])
+    )
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for s in SETTINGS:
+        if s.env:
+            monkeypatch.delenv(s.env, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.env or s.field)
+def test_every_variable_reaches_its_field(setting, clean_env: pytest.MonkeyPatch) -> None:
+    default = _get(_config(), setting.field)
+    raw, expected = SAMPLES.get(setting.field, (f"value-of-{setting.env}", None))
+    if expected is None:
+        expected = raw
+    clean_env.setenv(setting.env, raw)
+    assert _get(_config(), setting.field) == expected != default
+
+
+def test_a_flag_beats_its_variable(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("DYN_NAMESPACE", "from-env")
+    clean_env.setenv("DYN_REQUEST_PLANE", "nats")
+    config = _config(["--namespace", "from-flag", "--request-plane", "tcp"])
+    assert (config.namespace, config.request_plane) == ("from-flag", "tcp")
+
+
+def test_nats_server_picks_the_nats_event_plane(clean_env: pytest.MonkeyPatch) -> None:
+    assert _config().event_plane is None
+    clean_env.setenv("NATS_SERVER", "nats://127.0.0.1:4222")
+    assert _config().event_plane == "nats"
+    assert _config(["--event-plane", "zmq"]).event_plane == "zmq"
+
+
+def test_invalid_numbers_keep_their_defaults(clean_env: pytest.MonkeyPatch) -> None:
+    for name in ("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT"):
+        clean_env.setenv(name, "soon")
+    clean_env.setenv("DYN_TCP_MAX_MESSAGE_SIZE", "-1")
+    clean_env.setenv("DYN_ENGINE_STREAM_TIMEOUT_SECS", "0")
+    clean_env.setenv("DYN_REQUEST_PLANE_CODEC", "xml")
+    config = _config()
+    assert config.graceful_shutdown_grace_period == 5.0
+    assert config.graceful_shutdown_timeout == 30.0
+    assert config.max_message_size == 32 * 1024 * 1024
+    assert config.engine_stream_timeout is None
+    assert config.request_plane_codec == "json"
+    clean_env.setenv("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", "-3")
+    assert _config().graceful_shutdown_timeout == 0.0
+
+
+def test_every_field_is_a_setting() -> None:
+    fields = set()
+    for f in dataclasses.fields(WorkerConfig):
+        default = WorkerConfig().__getattribute__(f.name)
+        if dataclasses.is_dataclass(default):
+            fields |= {f"{f.name}.{sub.name}" for sub in dataclasses.fields(default)}
+        else:
+            fields.add(f.name)
+    in_table = {s.field for s in SETTINGS}
+    assert fields - in_table == set(CODE_ONLY)
+    assert in_table <= fields
+
+
+def test_a_config_built_in_code_ignores_the_environment(clean_env: pytest.MonkeyPatch) -> None:
+    baseline = WorkerConfig()
+    for s in SETTINGS:
+        raw, _ = SAMPLES.get(s.field, (f"value-of-{s.env}", None))
+        clean_env.setenv(s.env, raw)
+    assert _config() != baseline  # the environment does reach args.py ...
+    assert WorkerConfig() == baseline  # ... and nothing else
+
+
+def test_settings_doc_is_generated_from_the_table() -> None:
+    text = SETTINGS_DOC.read_text(encoding="utf-8")
+    assert text == settings_markdown(), (
+        "stale; run: PYTHONPATH=template/src python -m backend_common.args --markdown "
+        "> template/src/backend_common/docs/settings.md"
+    )
+    for s in SETTINGS:
+        assert f"`{s.env}`" in text
+        if s.flag:
+            assert f"`{s.flag}`" in text
+
+
+def test_module_prints_the_reference() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "backend_common.args", "--markdown"],
+        env={**os.environ, "PYTHONPATH": str(RUNTIME.parent)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout == settings_markdown()
