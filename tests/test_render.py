@@ -191,7 +191,7 @@ def test_answers_land_where_they_should(rendered, key: str) -> None:
         assert dockerfile.startswith("# ") and "FROM nvidia/cuda:" in dockerfile
     else:
         assert f"FROM python:{data['python_version']}-slim" in dockerfile
-    assert "HEALTHCHECK" in dockerfile and "USER dynamo" in dockerfile
+    assert "HEALTHCHECK" in dockerfile and "USER 10001:10001" in dockerfile
 
     compose = yaml.safe_load((project / "docker-compose.yml").read_text(encoding="utf-8"))
     assert set(compose["services"]) == {"nats-server", "etcd-server", "frontend", "backend"}

@@ -46,6 +46,9 @@ HEALTHY_TIMEOUT_S = 180.0
 MODEL_TIMEOUT_S = 90.0
 CALL_TIMEOUT_S = 60.0
 BUILD_TIMEOUT_S = 3600.0
+# Creating and removing a container copies or deletes the whole image where the storage
+# driver has no layers (vfs): minutes under load.
+CREATE_TIMEOUT_S = 600.0
 REMOVE_TIMEOUT_S = 600.0
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -86,11 +89,15 @@ class Docker:
             )
         return out
 
+    def inspect(self, kind: str, name: str) -> dict:
+        """``docker {kind} inspect``'s JSON object of ``name``."""
+        return json.loads(self.run(kind, "inspect", name).stdout)[0]
+
     def require_daemon(self) -> None:
         if shutil.which(self.cli) is None:
             raise NoDocker(f"no docker CLI ({self.cli!r} not found): install Docker")
-        out = self.run("info", "--format", "{{.ServerVersion}}", check=False, timeout=30)
-        if out.returncode != 0 or not out.stdout.strip():
+        out = self.run("info", check=False, timeout=30)
+        if out.returncode != 0 or "Server Version" not in out.stdout:
             host = os.environ.get("DOCKER_HOST", "the default socket")
             raise NoDocker(
                 f"no Docker daemon answers on {host}: start one (or set DOCKER_HOST), then "
@@ -100,13 +107,15 @@ class Docker:
     def enable_buildkit(self) -> None:
         if self.run("buildx", "version", check=False).returncode == 0:
             return
-        version = self.run("version", "--format", "{{.Client.Version}}").stdout.strip()
-        major = int(re.match(r"\d+", version).group()) if re.match(r"\d+", version) else 0
+        # "Docker version 20.10.24+dfsg1, build 297e128"
+        version = self.run("--version").stdout.strip()
+        found = re.search(r"version (\d+)", version)
+        major = int(found.group(1)) if found else 0
         if major >= 23:
             raise CheckFailed(
-                f"docker CLI {version} without the buildx plugin cannot build with BuildKit, "
-                "which the Dockerfiles need (pip cache mounts): install docker-buildx, or "
-                "point $DOCKER at a docker CLI older than 23"
+                f"{self.cli} ({version}) has no buildx plugin, so it cannot build with "
+                "BuildKit, which the Dockerfiles need (pip cache mounts): install "
+                "docker-buildx, or point $DOCKER at a docker CLI older than 23"
             )
         self.env["DOCKER_BUILDKIT"] = "1"
 
@@ -169,12 +178,12 @@ class Check:
             str(PROJECT),
             timeout=BUILD_TIMEOUT_S,
         )
-        size = int(self.docker.run("image", "inspect", "-f", "{{.Size}}", image).stdout)
+        size = int(self.docker.inspect("image", image)["Size"])
         self.report.append((f"image {image}", f"{size / 1e6:.0f} MB"))
         self.report.append((f"build {image}", f"{time.monotonic() - started:.0f} s"))
 
     def check_user(self, image: str) -> None:
-        user = self.docker.run("image", "inspect", "-f", "{{.Config.User}}", image).stdout.strip()
+        user = self.docker.inspect("image", image)["Config"].get("User") or ""
         uid = user.split(":", 1)[0]
         if not uid.isdigit() or int(uid) == 0:
             raise CheckFailed(f"{image}: USER is {user!r}, not a numeric non-root uid")
@@ -186,13 +195,12 @@ class Check:
         argv += ["-v", f"{self.workdir}:{self.workdir}"]
         for key, value in env.items():
             argv += ["-e", f"{key}={value}"]
-        self.docker.run(*argv, image, *args)
+        self.docker.run(*argv, image, *args, timeout=CREATE_TIMEOUT_S)
         self.containers.append(container)
         return container
 
     def state(self, container: str) -> dict:
-        out = self.docker.run("inspect", "-f", "{{json .State}}", container)
-        return json.loads(out.stdout)
+        return self.docker.inspect("container", container)["State"]
 
     def logs(self, container: str, limit: int = 3000) -> str:
         out = self.docker.run("logs", container, check=False)
@@ -336,11 +344,10 @@ class Check:
             self.stop(container, grace)
 
     def image_env(self, image: str) -> dict[str, str]:
-        out = self.docker.run("image", "inspect", "-f", "{{json .Config.Env}}", image)
-        return dict(item.split("=", 1) for item in json.loads(out.stdout) or [])
+        env = self.docker.inspect("image", image)["Config"].get("Env") or []
+        return dict(item.split("=", 1) for item in env)
 
     def remove_containers(self) -> None:
-        # Slow where the storage driver copies every layer (vfs): minutes, not seconds.
         for container in self.containers:
             try:
                 self.docker.run("rm", "-f", "-v", container, check=False, timeout=REMOVE_TIMEOUT_S)
