@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FRONTEND_VENV := .venv-dynamo
 
-.PHONY: install frontend test unit lint format examples check-examples new demo bench clean
+.PHONY: install frontend test unit lint format examples check-examples new demo bench soak chaos reliability-doc clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,7 @@ frontend: $(FRONTEND_VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
@@ -50,6 +51,17 @@ demo: install ## generate a backend and show it answering a chat request through
 bench: install ## pure-Python runtime vs Dynamo's own workers
 	$(PY) -m pip install -q -e ".[bench]"
 	DYNAMO_FRONTEND_PYTHON=$(CURDIR)/$(FRONTEND_VENV)/bin/python $(PY) -m bench
+
+soak: install ## 10 minutes, 16 streaming clients through the real frontend (make test: 60 s)
+	RELIABILITY_SOAK_S=600 DYNAMO_FRONTEND_PYTHON=$(CURDIR)/$(FRONTEND_VENV)/bin/python \
+		$(PY) -m pytest -q -s tests/test_reliability_soak.py
+
+chaos: install ## faults in sequence and overlapping under load (make test: one short sequence)
+	RELIABILITY_CHAOS=full DYNAMO_FRONTEND_PYTHON=$(CURDIR)/$(FRONTEND_VENV)/bin/python \
+		$(PY) -m pytest -q -s tests/test_reliability_chaos.py
+
+reliability-doc: $(VENV)/.installed ## build/reliability/*.json -> docs/reliability-results.json + doc table
+	$(PY) tests/reliability_results.py update
 
 clean:
 	rm -rf $(VENV) $(FRONTEND_VENV) .pytest_cache .ruff_cache

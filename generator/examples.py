@@ -19,10 +19,22 @@ __all__ = ["EXAMPLES", "EXAMPLES_DIR", "diff_examples", "render_examples", "writ
 
 EXAMPLES_DIR = REPO_ROOT / "examples"
 
-_AUTHOR = {"author_name": "Dynamo Backend Template", "author_email": "backends@example.com"}
+_AUTHOR = {
+    "author_name": "Dynamo Backend Template",
+    "author_email": "backends@example.com",
+    # Fixed so that the examples do not change with the calendar.
+    "copyright_year": "2026",
+}
 
 EXAMPLES: dict[str, dict[str, str]] = {
     "skeleton-cpu": {"project_name": "skeleton-cpu", **_AUTHOR},
+    # Disaggregated serving on CPU without torch: the fastest render whose `make test` serves
+    # chat through a prefill and a decode worker.
+    "skeleton-disagg-cpu": {
+        "project_name": "skeleton-disagg-cpu",
+        "disagg_roles": "agg,prefill,decode",
+        **_AUTHOR,
+    },
     "mocker-cuda": {
         "project_name": "mocker-cuda",
         "engine_kind": "mocker",

@@ -1,9 +1,9 @@
 """An instrumented engine for the end-to-end tests, run as a real worker process.
 
 It is the reference engine plus what a test needs to observe from outside the
-process: every ``abort`` and every guard release is printed as a line
-(``EVENT abort <id>`` / ``EVENT release <id>``) on stderr, which the worker's
-log file captures, and a gauge of requests holding the guard is exported
+process: every ``abort``, every natural terminal item and every guard release is printed as a
+line (``EVENT abort <id>`` / ``EVENT finish <id>`` / ``EVENT release <id>``) on stderr,
+which the worker's log file captures, and a gauge of requests holding the guard is exported
 through ``setup_metrics``, with the worker's asyncio task count and RSS. A prompt
 containing token id 7 (the word ``w7`` in the test tokenizer) is refused with a
 typed ``InvalidArgument``. Fault injection for the reliability tests, by prompt
@@ -108,6 +108,8 @@ class InstrumentedEngine(ReferenceEngine):
                 if fault == HANG_TOKEN and count == 2:
                     event("hang", ctx.id())
                     await asyncio.Event().wait()  # never set: ignores stop and kill
+                if item.finish_reason not in (None, "cancelled"):
+                    event("finish", ctx.id())  # finished on its own (not stopped)
                 yield item
                 count += 1
                 if fault == AFTER_TERMINAL_TOKEN and item.finish_reason is not None:

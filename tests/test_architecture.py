@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,87 @@ def test_only_the_config_module_reads_the_environment() -> None:
 
 def test_the_env_scanner_finds_reads() -> None:
     assert _env_reads(RUNTIME / "args.py"), "args.py reads the environment; the scanner must see it"
+
+
+# -- document references -----------------------------------------------------------------
+DOCS = RUNTIME / "docs"
+_REF = re.compile(r"(?<![\w/.-])((?:\.\./|[\w-]+/)*[\w.-]+\.md)(?:#([\w-]+))?")
+_LOCAL_ANCHOR = re.compile(r"\]\(#([\w-]+)\)")
+# Ways of citing documents that are not in the repository (section numbers of outside specs).
+_FOREIGN = re.compile(r"§|\bwire\.md\b|real-dynamo|copier\.md|contract(\.md)? sections? \d")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = heading.strip().lower().replace("`", "")
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def _anchors(md: Path) -> set[str]:
+    anchors, fenced = set(), False
+    for line in md.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"#{1,6} (.+)", line)):
+            anchors.add(_slug(m.group(1)))
+    return anchors
+
+
+def _runtime_text_files() -> list[Path]:
+    return sorted(
+        p
+        for p in RUNTIME.rglob("*")
+        if p.is_file() and p.suffix in (".py", ".md") and "__pycache__" not in p.parts
+    )
+
+
+def _references() -> list[tuple[Path, str, str | None, Path]]:
+    """(file, reference, anchor, resolved path) for every ``*.md`` reference in the runtime."""
+    refs = []
+    for path in _runtime_text_files():
+        text = path.read_text(encoding="utf-8")
+        # Python names documents from the package root; a document links relative to itself.
+        base = RUNTIME if path.suffix == ".py" else path.parent
+        for m in _REF.finditer(text):
+            refs.append((path, m.group(1), m.group(2), (base / m.group(1)).resolve()))
+        if path.suffix == ".md":
+            refs += [(path, "#" + a, a, path) for a in _LOCAL_ANCHOR.findall(text)]
+    return refs
+
+
+def test_the_design_documents_exist_and_say_what_they_follow() -> None:
+    for name in ("architecture.md", "wire-protocol.md", "contract.md", "settings.md"):
+        assert (DOCS / name).is_file(), name
+    for name in ("architecture.md", "wire-protocol.md", "contract.md"):
+        assert "Dynamo 1.6" in (DOCS / name).read_text(encoding="utf-8") or "**1.6.x**" in (
+            DOCS / name
+        ).read_text(encoding="utf-8"), name
+
+
+def test_every_document_reference_resolves_to_a_file_and_heading() -> None:
+    refs = _references()
+    assert len(refs) > 40  # the scanner sees the docstrings' references
+    broken = []
+    for path, ref, anchor, target in refs:
+        where = f"{path.relative_to(RUNTIME)}: {ref}" + (f"#{anchor}" if anchor else "")
+        if not target.is_file() or RUNTIME not in target.parents:
+            broken.append(f"{where} (no such file in the runtime)")
+        elif anchor and anchor not in _anchors(target):
+            broken.append(f"{where} (no such heading)")
+    assert broken == []
+
+
+def test_no_reference_to_documents_outside_the_repository() -> None:
+    found = [
+        f"{p.relative_to(RUNTIME)}:{n}: {line.strip()}"
+        for p in _runtime_text_files()
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if _FOREIGN.search(line)
+    ]
+    assert found == []
+
+
+def test_the_slug_rule() -> None:
+    assert _slug("Response stream (call-home)") == "response-stream-call-home"
+    assert _slug("Architecture of `backend_common`") == "architecture-of-backend_common"

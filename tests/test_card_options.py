@@ -79,7 +79,7 @@ def test_parsers_template_and_structural_tag_in_the_card(tiny_model, tmp_path) -
         "hermes",
         "--dyn-reasoning-parser",
         "deepseek_r1",
-        "--structural-tag",
+        "--dyn-structural-tag",
         json.dumps({"scope": "always", "schema": "auto"}),
     )
     rc = card["runtime_config"]
@@ -111,7 +111,7 @@ def test_parsers_template_and_structural_tag_in_the_card(tiny_model, tmp_path) -
 )
 def test_invalid_structural_tag_is_a_typed_error(tiny_model, value) -> None:
     with pytest.raises(DynamoError) as info:
-        card_for(tiny_model, "--structural-tag", json.dumps(value))
+        card_for(tiny_model, "--dyn-structural-tag", json.dumps(value))
     assert info.value.is_invalid_argument
 
 

@@ -1,10 +1,11 @@
 """The generated images, built and run: ``make docker-check`` of generated projects.
 
 * Without a Docker daemon the check says so and exits 2 (it is a check, never a silent pass).
-* With a daemon (``.ci/run`` starts one): the skeleton example and its disaggregated render
-  (one prefill and one decode container) each build their backend and frontend images and
-  pass ``make docker-check``: healthy by the image's HEALTHCHECK, uid 10001, a chat through
-  the real frontend, exit code 0 within the compose stop grace after ``docker stop``.
+* With a daemon (``.ci/run`` starts one): the skeleton example and the disaggregated
+  skeleton example (one prefill and one decode container) each build their backend and
+  frontend images and pass ``make docker-check``: healthy by the image's HEALTHCHECK, uid
+  10001, a chat through the real frontend, exit code 0 within the compose stop grace after
+  ``docker stop``.
   In CI (``CI=true``) a missing daemon fails these tests instead of skipping them.
 
 The CUDA image cannot be built here (no ``nvidia/cuda`` base image); test_render.py lints
@@ -34,14 +35,7 @@ CHECK_TIMEOUT_S = 1800
 # Variables of an enclosing `make` that would leak into the generated project's make.
 _MAKE_VARS = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "VIRTUAL_ENV")
 
-PROJECTS = {
-    "skeleton-cpu": EXAMPLES["skeleton-cpu"],
-    "skeleton-disagg": {
-        **EXAMPLES["skeleton-cpu"],
-        "project_name": "skeleton-disagg",
-        "disagg_roles": "agg,prefill,decode",
-    },
-}
+PROJECTS = {name: EXAMPLES[name] for name in ("skeleton-cpu", "skeleton-disagg-cpu")}
 
 
 def _answers(cli: str) -> bool:

@@ -212,3 +212,61 @@ def test_non_http_code_attributes_are_not_statuses() -> None:
         code = True
 
     assert from_exception(Flagged("x")).backend_error is BackendError.InvalidArgument
+
+
+# -- the serialized DynamoError of a mid-stream error item ---------------------------------
+
+# Dynamo's catalog: reason key -> the canonical class it belongs to.
+CATALOG_CLASS = {
+    "backend.unknown": "Internal",
+    "backend.invalid_argument": "InvalidRequest",
+    "backend.cannot_connect": "Unavailable",
+    "backend.disconnected": "Unavailable",
+    "backend.engine_shutdown": "Unavailable",
+    "backend.stream_incomplete": "Unavailable",
+    "backend.connection_timeout": "DeadlineExceeded",
+    "backend.response_timeout": "DeadlineExceeded",
+    "backend.cancelled": "Cancelled",
+}
+
+
+def test_every_backend_category_serializes_with_a_matching_reason() -> None:
+    from backend_common.errors import BackendError, DynamoError
+
+    for kind in BackendError:
+        wire = DynamoError("m", kind).to_wire()
+        assert wire["error_type"] == {"Backend": kind.value}
+        assert CATALOG_CLASS[wire["reason"]] == wire["class"], kind
+        assert wire["message"] == "m"
+
+
+async def test_an_error_raised_mid_stream_is_a_typed_error_item() -> None:
+    import json as _json
+
+    from adapter_harness import run_request
+
+    from backend_common.errors import engine_shutdown
+    from backend_common.reference import ReferenceEngine
+    from backend_common.runtime.adapter import EngineAdapter
+
+    class Failing(ReferenceEngine):
+        async def generate(self, request, ctx):
+            count = 0
+            async for item in super().generate(request, ctx):
+                if count == 2:
+                    raise engine_shutdown("gpu lost")
+                yield item
+                count += 1
+
+    raw = await run_request(EngineAdapter(Failing()), {"token_ids": [1], "stop_conditions": {}})
+    items = [
+        _json.loads(part[part.index(b"{") :]) for part in raw.split(b"\x00") if b'"event"' in part
+    ]
+    (item,) = [i["data"] for i in items if "data" in i]
+    assert item["event"] == "error" and item["comment"] == ["gpu lost"]
+    assert item["error"] == {
+        "error_type": {"Backend": "EngineShutdown"},
+        "class": "Unavailable",
+        "reason": "backend.engine_shutdown",
+        "message": "gpu lost",
+    }

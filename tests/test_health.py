@@ -10,6 +10,7 @@ canary. A worker whose engine fails the canary reports 503 on its status server'
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -82,20 +83,31 @@ async def test_flag_beats_env_through_the_cli(monkeypatch, tmp_path) -> None:
     assert flagged.health_check_payload == {"token_ids": [5], "_HEALTH_CHECK": True}
 
 
-async def test_invalid_payloads_disable_the_canary(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", "[1, 2]")
-    config = worker_config_from_args(add_common_args(argparse.ArgumentParser()).parse_args([]))
-    assert config.health_check_payload is None and config.health_check_disabled
-    # The worker then runs no canary at all (not even the engine's payload).
+async def test_invalid_operator_payload_falls_back_to_the_engine(
+    monkeypatch, tmp_path, caplog
+) -> None:
+    engine_payload = {**ENGINE_PAYLOAD, "_HEALTH_CHECK": True}
+    for raw in ("[1, 2]", "{not json"):
+        monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", raw)
+        config = worker_config_from_args(add_common_args(argparse.ArgumentParser()).parse_args([]))
+        assert config.health_check_payload is None  # dropped by args.py, with a warning
+    assert "health check payload" in caplog.text
+    monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD")
+    # The worker then uses the engine's payload.
     engine = CanaryEngine()
-    async with running_worker(engine, file_config(tmp_path, health_check_disabled=True)) as (
+    async with running_worker(engine, file_config(tmp_path, health_check_payload=None)) as (
         worker,
         _base,
     ):
-        assert worker._health_payload is None
-    monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD")
-    unset = worker_config_from_args(add_common_args(argparse.ArgumentParser()).parse_args([]))
-    assert not unset.health_check_disabled
+        assert worker._health_payload == engine_payload
+    # An override built in code that is not an object: a warning, then the engine's payload.
+    override = ["not", "an", "object"]
+    assert await resolve_health_check_payload(override, CanaryEngine()) == engine_payload  # type: ignore[arg-type]
+    assert "using the engine's health_check_payload()" in caplog.text
+
+
+async def test_invalid_engine_payload_disables_the_canary(monkeypatch) -> None:
+    monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD", raising=False)
     assert await resolve_health_check_payload(None, CanaryEngine(payload=[1])) is None  # type: ignore[arg-type]
 
 
@@ -153,3 +165,54 @@ async def test_no_canary_means_healthy_while_serving(monkeypatch, tmp_path, payl
         status, body = await get_health(base)
     assert status == 200 and body["canary"] == "disabled"
     assert engine.probes == []
+
+
+# -- the canary on an idle worker (DYN_HEALTH_CHECK_ENABLED) -----------------------------------
+async def test_idle_canary_runs_only_while_no_request_arrives() -> None:
+    import time
+
+    from backend_common.runtime.canary import IdleCanary
+
+    probes: list[float] = []
+    activity = [0.0]
+
+    async def probe(timeout: float) -> tuple[bool, str]:
+        probes.append(time.monotonic())
+        return True, "ok"
+
+    canary = IdleCanary(probe, lambda: activity[0], wait_s=0.2, timeout_s=1.0)
+    canary.start()
+    try:
+        # Busy for 1 s: a request every 50 ms keeps the worker from being idle.
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            activity[0] = time.monotonic()
+            await asyncio.sleep(0.05)
+        assert probes == []
+        await asyncio.sleep(1.0)  # idle: a canary every ~0.2 s
+    finally:
+        await canary.close()
+    assert 3 <= len(probes) <= 6, probes
+    assert all(b - a >= 0.19 for a, b in zip(probes, probes[1:], strict=False))
+    assert canary.last is not None and canary.last.ok
+
+
+async def test_enabled_canary_runs_by_itself_and_health_reports_it(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS", "0")
+    monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD", raising=False)
+    engine = CanaryEngine()
+    config = file_config(tmp_path, health_check_enabled=True, canary_wait_time=0.2)
+    async with running_worker(engine, config) as (_worker, base):
+        await asyncio.sleep(0.8)
+        ran = len(engine.probes)
+        assert ran >= 2, ran  # nobody polled /health: the worker ran them itself
+        status, body = await get_health(base)
+        assert status == 200 and body["canary"] == "ok", body
+        engine.failing = True
+        await asyncio.sleep(0.6)
+        status, body = await get_health(base)
+        assert status == 503 and "simulated device failure" in body["canary"], body
+        engine.failing = False
+        await asyncio.sleep(0.6)
+        status, body = await get_health(base)
+        assert status == 200, body

@@ -3,6 +3,9 @@ and generating needs no --trust."""
 
 from __future__ import annotations
 
+import re
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,12 +41,16 @@ def answers(project: Path) -> dict:
         ("package_name", "my-backend"),
         ("package_name", "MyBackend"),
         ("package_name", "_private"),
+        ("package_name", "json"),
+        ("package_name", "asyncio"),
         ("author_name", ""),
         ("author_name", 'Ada "The Countess"'),
         ("author_name", "back\\slash"),
         ("author_email", "ada"),
         ("author_email", "ada@example"),
         ("author_email", "ada lovelace@example.com"),
+        ("copyright_year", "26"),
+        ("copyright_year", "this year"),
     ],
 )
 def test_validators_reject_bad_values(src: Path, tmp_path: Path, question: str, value: str) -> None:
@@ -70,6 +77,24 @@ def test_choices_reject_unknown_values(
         render_snapshot(src, tmp_path / "out", {**BASE, question: value})
 
 
+def test_every_standard_library_module_name_is_refused() -> None:
+    """The validator's list covers this interpreter's ``sys.stdlib_module_names``."""
+    text = (REPO_ROOT / "copier.yml").read_text()
+    validator = yaml.safe_load(text)["package_name"]["validator"]
+    listed = set(validator.split('{% elif package_name in "', 1)[1].split('"', 1)[0].split())
+    identifiers = {n for n in sys.stdlib_module_names if re.fullmatch(r"[a-z][a-z0-9_]*", n)}
+    assert identifiers <= listed, sorted(identifiers - listed)
+
+
+def test_shadowing_message_names_the_module(src: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as info:
+        render_snapshot(src, tmp_path / "out", {**BASE, "package_name": "logging"})
+    assert 'package_name "logging" shadows the Python standard library' in str(info.value)
+    # project_name=json passes its own check, but its default package_name would shadow json.
+    with pytest.raises(ValueError, match="Validation error for question 'package_name'"):
+        render_snapshot(src, tmp_path / "out2", {**BASE, "project_name": "json"})
+
+
 def test_error_messages_say_what_is_expected(src: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError) as info:
         render_snapshot(src, tmp_path / "out", {**BASE, "project_name": "My_Backend"})
@@ -91,6 +116,15 @@ def test_defaults_and_computed_values(src: Path, tmp_path: Path) -> None:
     assert "engine_class" not in recorded
     engine = (project / "src" / "acme_llm_2" / "engine.py").read_text(encoding="utf-8")
     assert "class AcmeLlm2Engine(LLMEngine):" in engine
+
+
+def test_mit_license_names_the_year_and_the_author(src: Path, tmp_path: Path) -> None:
+    project = render_snapshot(src, tmp_path / "out", {**BASE, "license": "MIT"})
+    year = answers(project)["copyright_year"]
+    # The default is the year of generation, recorded so that updates keep it.
+    assert year == time.strftime("%Y")
+    text = (project / "LICENSE").read_text(encoding="utf-8")
+    assert f"Copyright (c) {year} {BASE['author_name']}" in text
 
 
 def test_explicit_package_name_wins(src: Path, tmp_path: Path) -> None:

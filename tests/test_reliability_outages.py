@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import Stack, wait_until
+from reliability_results import record
 from test_e2e_serving import words
 
 from backend_common.devstack.frontend import Frontend
@@ -32,6 +33,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
 NEW_REQUEST_BOUND_S = 15.0  # client timeout of every request sent during a NATS outage
 ETCD_DOWN_S = 20.0
+ETCD_FROZEN_S = 5.0
+REREGISTER_BOUND_S = 2.0  # etcd back -> new lease and records written (keep-alive every ttl/3)
+ROUTED_BOUND_S = 3.0  # etcd back -> the frontend lists the new instance
+NATS_RECOVERY_BOUND_S = 10.0  # nats-server back -> a request served again
 NATS_DOWN_S = 20.0
 
 
@@ -101,7 +106,7 @@ async def test_etcd_outage_under_load(tmp_path: Path, tiny_model: Path, frontend
         ids_after_restart = serving_ids(proc)
         # Phase 2: etcd frozen for 5 s: the lease expires on resume; the worker re-registers.
         etcd._proc.send_signal(signal.SIGSTOP)  # noqa: SLF001 - our own child process
-        await asyncio.sleep(5)
+        await asyncio.sleep(ETCD_FROZEN_S)
         etcd._proc.send_signal(signal.SIGCONT)  # noqa: SLF001
         resumed = time.monotonic()
         await asyncio.to_thread(
@@ -134,18 +139,44 @@ async def test_etcd_outage_under_load(tmp_path: Path, tiny_model: Path, frontend
         return isinstance(r, ChatResult) and r.ok and r.finish_reason == "length"
 
     phase2 = results[len(phase1) :]
-    print(
-        f"etcd: phase 1 (stopped {ETCD_DOWN_S:.0f} s): {len(phase1)} requests, "
-        f"{sum(not ok(r) for r in phase1)} failed, "
-        f"instance kept: {ids_after_restart == [first_id]}; "
-        f"phase 2 (frozen 5 s): {len(phase2)} requests, {sum(not ok(r) for r in phase2)} failed; "
-        f"re-registered {reregistered_s:.2f} s and routed {routed_s:.2f} s after etcd resumed"
+    failed1 = [r for r in phase1 if not ok(r)]
+    failed2 = [r for r in phase2 if not ok(r)]
+    untyped2 = [r for r in failed2 if not (isinstance(r, ChatResult) and r.status in (404, 503))]
+    record(
+        "etcd_outage",
+        title="etcd stopped 20 s, then frozen 5 s (lease TTL 3 s), 4 streaming clients",
+        order=30,
+        bounds=[
+            "stopped: 0 failed requests, same instance id (etcd restores the lease)",
+            f"frozen: re-registered <= {REREGISTER_BOUND_S:.0f} s and routed <= "
+            f"{ROUTED_BOUND_S:.0f} s after etcd resumes",
+            "failures while the expired keys are gone: HTTP 404/503 only",
+        ],
+        summary=(
+            f"stopped {ETCD_DOWN_S:.0f} s: {len(phase1)} requests, {len(failed1)} failed, "
+            f"instance kept: {ids_after_restart == [first_id]}; frozen {ETCD_FROZEN_S:.0f} s: "
+            f"{len(phase2)} requests, {len(failed2)} failed "
+            f"{sorted({getattr(r, 'status', 'exception') for r in failed2}, key=str)}; "
+            f"re-registered {reregistered_s:.2f} s, routed {routed_s:.2f} s after etcd resumed"
+        ),
+        measured={
+            "phase1_requests": len(phase1),
+            "phase1_failed": len(failed1),
+            "instance_kept": ids_after_restart == [first_id],
+            "phase2_requests": len(phase2),
+            "phase2_failed": len(failed2),
+            "reregistered_s": round(reregistered_s, 3),
+            "routed_s": round(routed_s, 3),
+        },
     )
     # Phase 1: no failed request; etcd restored the lease, so nothing re-registered.
-    assert phase1 and all(ok(r) for r in phase1), [r for r in phase1 if not ok(r)][:3]
+    assert phase1 and not failed1, failed1[:3]
     assert ids_after_restart == [first_id]
-    # Phase 2: re-registered under a new id, and the frontend routes to it again.
+    # Phase 2: re-registered under a new id within the bound, and the frontend routes to it.
     assert new_id != first_id
+    assert reregistered_s <= REREGISTER_BOUND_S, f"re-registered after {reregistered_s:.2f} s"
+    assert routed_s <= ROUTED_BOUND_S, f"routed after {routed_s:.2f} s"
+    assert not untyped2, untyped2[:3]
     assert ok(final) and final.text.strip() == words(3).strip()
 
 
@@ -209,20 +240,45 @@ async def test_nats_outage_on_nats_request_plane(
                     break
                 await asyncio.sleep(0.25)
             recovered_s = time.monotonic() - t_up
-        assert proc.running
+        proc_running = proc.running
     finally:
         stack.stop()
         nats.stop()
 
-    print(
-        "nats: in-flight "
-        + str([(r.status, r.finish_reason) for r in streams])
-        + "; during outage "
-        + str([(round(t, 2), getattr(r, "status", repr(r))) for t, r in during_r])
-        + f"; served again {recovered_s:.2f} s after NATS restarted"
+    during_s = [round(t, 2) for t, _ in during_r]
+    during_status = [getattr(r, "status", type(r).__name__) for _, r in during_r]
+    inflight_ok = sum(
+        r.ok and r.finish_reason == "length" and r.text.strip() == words(400).strip()
+        for r in streams
     )
-    for r in streams:
-        assert r.ok and r.finish_reason == "length" and r.text.strip() == words(400).strip()
-    for elapsed, _r in during_r:
+    record(
+        "nats_outage",
+        title="NATS stopped 20 s, NATS request plane",
+        order=40,
+        bounds=[
+            "in-flight streams finish",
+            f"each request sent during the outage ends within {NEW_REQUEST_BOUND_S:.0f} + 1 s "
+            "with HTTP 503",
+            f"served again <= {NATS_RECOVERY_BOUND_S:.0f} s after nats-server restarts",
+            "worker never exits",
+        ],
+        summary=(
+            f"{inflight_ok}/4 in-flight 400-token streams finished; 8 sent during the outage: "
+            f"{during_status} after {during_s} s; served again {recovered_s:.2f} s after the "
+            f"restart"
+        ),
+        measured={
+            "inflight_finished": inflight_ok,
+            "during_s": during_s,
+            "during_status": during_status,
+            "recovered_s": round(recovered_s, 3),
+            "worker_running": proc_running,
+        },
+    )
+    assert proc_running
+    assert inflight_ok == 4, [(r.status, r.finish_reason) for r in streams]
+    for elapsed, r in during_r:
         assert elapsed < NEW_REQUEST_BOUND_S + 1
+        assert getattr(r, "status", None) == 503, (elapsed, r)
     assert after is not None and after.ok and after.text.strip() == words(4).strip()
+    assert recovered_s <= NATS_RECOVERY_BOUND_S, f"served again after {recovered_s:.2f} s"

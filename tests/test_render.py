@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dgd_schema import dgd_errors
 
 from generator.examples import diff_examples
 from generator.manifest import RUNTIME_DIR, check_manifest, runtime_files
@@ -171,6 +172,7 @@ def test_answers_land_where_they_should(rendered, key: str) -> None:
     project, data = rendered[key]
     package = project / "src" / data["project_name"].replace("-", "_")
     mocker = data["engine_kind"] == "mocker"
+    disagg = data["disagg_roles"] != "agg"
     for name in ("__init__.py", "__main__.py", "args.py", "errors.py", "guard.py", "engine.py"):
         assert (package / name).is_file(), name
     assert (package / "mocker").is_dir() == mocker
@@ -194,15 +196,164 @@ def test_answers_land_where_they_should(rendered, key: str) -> None:
     assert "HEALTHCHECK" in dockerfile and "USER 10001:10001" in dockerfile
 
     compose = yaml.safe_load((project / "docker-compose.yml").read_text(encoding="utf-8"))
-    assert set(compose["services"]) == {"nats-server", "etcd-server", "frontend", "backend"}
-    backend = compose["services"]["backend"]
-    assert backend["environment"]["DYN_REQUEST_PLANE"].endswith(f"{data['request_plane']}}}")
-    assert ("deploy" in backend) == (data["accelerator"] == "cuda")
+    workers = ["backend", "prefill", "decode"] if disagg else ["backend"]
+    assert set(compose["services"]) == {"nats-server", "etcd-server", "frontend", *workers}
+    for name in workers:
+        worker = compose["services"][name]
+        assert worker["environment"]["DYN_REQUEST_PLANE"].endswith(f"{data['request_plane']}}}")
+        assert ("deploy" in worker) == (data["accelerator"] == "cuda")
 
     args = (package / "args.py").read_text(encoding="utf-8")
-    assert f'DEFAULT_REQUEST_PLANE = "{data["request_plane"]}"' in args
+    assert f'DEFAULT_REQUEST_PLANE: Final = "{data["request_plane"]}"' in args
     assert json.dumps(data["disagg_roles"].split(",")) in args
     assert (project / "LICENSE").is_file() == (data["license"] != "Proprietary")
+
+
+@pytest.fixture(scope="module")
+def mypy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared by the renders: they vendor the same runtime, checked once."""
+    return tmp_path_factory.mktemp("mypy-cache")
+
+
+@pytest.mark.parametrize("key", IDS)
+def test_mypy_passes_with_the_projects_own_config(rendered, key: str, mypy_cache: Path) -> None:
+    project, data = rendered[key]
+    config = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["mypy"]
+    # This environment has no torch (the mocker's); a project's own .venv has it.
+    config["overrides"].append({"module": ["torch", "torch.*"], "ignore_missing_imports": True})
+    lines = ["[tool.mypy]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in config.items() if k != "overrides"]
+    for override in config["overrides"]:
+        lines += [
+            "[[tool.mypy.overrides]]",
+            *(f"{k} = {json.dumps(v)}" for k, v in override.items()),
+        ]
+    config_file = project.parent / f"{project.name}-mypy.toml"
+    config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(config_file)]
+        + ["--cache-dir", str(mypy_cache), "--python-executable", sys.executable],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert (project / "src" / "backend_common" / "py.typed").is_file()
+    assert (project / "src" / data["project_name"].replace("-", "_") / "py.typed").is_file()
+
+
+def worker_shutdown_bound_s(timeout_s: float) -> float:
+    """Longest graceful shutdown of a worker (backend_common.worker): grace period, quiet
+    wait, two discovery withdrawals, engine drain and in-flight streams (each up to the
+    timeout), the cancel flush."""
+    from backend_common.runtime import worker
+
+    grace_s, withdraw_s = 5.0, 5.0  # DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS default; wait_for
+    return (
+        grace_s + worker.QUIET_MAX_WAIT_S + 2 * withdraw_s + 2 * timeout_s + worker.CANCEL_FLUSH_S
+    )
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match, duration
+    return float(match[1])
+
+
+@pytest.mark.parametrize("key", IDS)
+def test_compose_file_is_valid_and_stops_workers_gracefully(rendered, key: str) -> None:
+    project, data = rendered[key]
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "check-jsonschema"), "--builtin-schema"]
+        + ["vendor.compose-spec", str(project / "docker-compose.yml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    compose = yaml.safe_load((project / "docker-compose.yml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    for name in ("nats-server", "etcd-server", "frontend"):
+        assert "healthcheck" in services[name], name
+    disagg = data["disagg_roles"] != "agg"
+    for name in ["backend", "prefill", "decode"] if disagg else ["backend"]:
+        worker = services[name]
+        timeout = float(worker["environment"]["DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT"])
+        assert seconds(worker["stop_grace_period"]) > worker_shutdown_bound_s(timeout), name
+    if disagg:
+        assert services["prefill"]["command"][:2] == ["--disaggregation-mode", "prefill"]
+        assert services["decode"]["command"] == ["--disaggregation-mode", "decode"]
+        # The aggregated worker starts only when named (`docker compose up backend`).
+        assert services["backend"]["profiles"] == ["aggregated"]
+
+
+@pytest.mark.parametrize("key", IDS)
+def test_kubernetes_manifest_validates_against_the_dgd_crd(rendered, key: str) -> None:
+    project, data = rendered[key]
+    path = project / "deploy" / "k8s" / "dynamographdeployment.yaml"
+    [dgd] = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    assert dgd_errors(dgd) == []
+
+    components = {c["type"]: c for c in dgd["spec"]["components"]}
+    roles = ["prefill", "decode"] if data["disagg_roles"] != "agg" else ["worker"]
+    assert sorted(components) == sorted(["frontend", *roles])
+    for role, component in components.items():
+        [main] = component["podTemplate"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in main["env"]}
+        # Discovery and both planes named explicitly: the operator's default discovery is
+        # Kubernetes-native, which this runtime does not speak.
+        assert env["DYN_DISCOVERY_BACKEND"] == "etcd"
+        assert env["ETCD_ENDPOINTS"] and env["NATS_SERVER"]
+        assert env["DYN_REQUEST_PLANE"] == data["request_plane"]
+        assert env["DYN_EVENT_PLANE"] == "nats"
+        port = 8000 if role == "frontend" else int(env["DYN_SYSTEM_PORT"])
+        assert main["livenessProbe"]["httpGet"] == {"path": "/live", "port": port}
+        assert main["readinessProbe"]["httpGet"] == {"path": "/health", "port": port}
+        assert main["resources"]["requests"] and main["resources"]["limits"]
+        if role == "frontend":
+            assert main["image"] == f"{data['project_name']}-frontend:latest"
+            continue
+        # The image `make docker` builds; a grace period longer than the worker's shutdown.
+        assert main["image"] == f"{data['project_name']}:latest"
+        grace = component["podTemplate"]["spec"]["terminationGracePeriodSeconds"]
+        timeout = float(env["DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT"])
+        assert grace > worker_shutdown_bound_s(timeout)
+        gpus = main["resources"]["limits"].get("nvidia.com/gpu")
+        assert (gpus == "1") == (data["accelerator"] == "cuda")
+        if role != "worker":
+            assert main["args"][:2] == ["--disaggregation-mode", role]
+
+
+@pytest.mark.parametrize("key", IDS)
+def test_ci_workflow_and_pre_commit_hooks(rendered, key: str) -> None:
+    project, data = rendered[key]
+    workflow_path = project / ".github" / "workflows" / "ci.yml"
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "check-jsonschema"), "--builtin-schema"]
+        + ["vendor.github-workflows", str(workflow_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    workflow = yaml.safe_load(workflow_path.read_text(encoding="utf-8"))
+    assert workflow["permissions"] == {"contents": "read"}
+    jobs = workflow["jobs"]
+    mocker = data["engine_kind"] == "mocker"
+    assert set(jobs) == ({"test", "docker", "gpu-check"} if mocker else {"test", "docker"})
+    uses = [step["uses"] for job in jobs.values() for step in job["steps"] if "uses" in step]
+    assert uses and all(u in ("actions/checkout@v6", "actions/setup-python@v6") for u in uses)
+    runs = {job: [step.get("run") for step in jobs[job]["steps"]] for job in jobs}
+    assert "make lint test PYTHON=python" in runs["test"]
+    assert "make docker" in runs["docker"]
+    if mocker:
+        assert "make gpu-check PYTHON=python" in runs["gpu-check"]
+        assert "vars.GPU_RUNNER" in jobs["gpu-check"]["if"]  # opt-in
+
+    hooks = yaml.safe_load((project / ".pre-commit-config.yaml").read_text(encoding="utf-8"))
+    ids = {hook["id"] for repo in hooks["repos"] for hook in repo["hooks"]}
+    assert {"ruff-check", "ruff-format", "mypy", "hadolint"} <= ids
 
 
 def test_matrix_covers_every_combination() -> None:

@@ -133,6 +133,39 @@ def test_update_keeps_user_edits_and_matches_a_fresh_copy(
     )
 
 
+def test_update_refuses_to_switch_the_engine(template_repo: Path, tmp_path: Path) -> None:
+    """engine.py and tests/test_engine.py are the user's: an update cannot swap the engine."""
+    project = tmp_path / "project"
+    run_copy(str(template_repo), project, data=DATA, vcs_ref="0.1.0", defaults=True, quiet=True)
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert answers["engine_kind_at_generation"] == "skeleton"
+    git(project, "init", "-q")
+    commit_all(project, "generated at 0.1.0")
+    before = git(project, "rev-parse", "HEAD")
+
+    with pytest.raises(ValueError) as info:
+        run_update(
+            project,
+            data={**DATA, "engine_kind": "mocker"},
+            defaults=True,
+            overwrite=True,
+            quiet=True,
+        )
+    message = str(info.value)
+    assert "engine_kind cannot be changed by `copier update`" in message
+    assert '"skeleton"' in message and "Switching engines" in message
+    # Nothing was touched.
+    assert git(project, "status", "--porcelain") == ""
+    assert git(project, "rev-parse", "HEAD") == before
+    assert (project / "tests" / "test_engine.py").is_file()
+
+    # An update that keeps the engine still works, and keeps the record.
+    run_update(project, data=DATA, defaults=True, overwrite=True, quiet=True)
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert answers["engine_kind_at_generation"] == "skeleton"
+    assert answers["_commit"] == "0.2.0"
+
+
 def _has_commit(commit: str) -> bool:
     probe = subprocess.run(
         ["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=REPO_ROOT, capture_output=True

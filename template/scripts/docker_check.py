@@ -36,7 +36,7 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-from backend_common.devstack.frontend import LOOPBACK, free_system_port, worker_env
+from backend_common.devstack.frontend import LOOPBACK, RequestPlane, free_system_port, worker_env
 from backend_common.devstack.services import NatsServer, free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -259,7 +259,9 @@ class Check:
             self.build(args.frontend_image, "Dockerfile.frontend")
         for image in (args.image, args.frontend_image):
             self.check_user(image)
-        plane = self.image_env(args.image).get("DYN_REQUEST_PLANE", "tcp")
+        plane: RequestPlane = (
+            "nats" if self.image_env(args.image).get("DYN_REQUEST_PLANE") == "nats" else "tcp"
+        )
 
         self.workdir = Path(tempfile.mkdtemp(prefix="docker-check-"))
         self.stack.callback(shutil.rmtree, self.workdir, True)

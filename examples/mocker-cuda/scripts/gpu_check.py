@@ -28,6 +28,7 @@ import warnings
 
 from backend_common import FinishReason, PreprocessedRequest
 from backend_common.testing import collect, run_conformance
+from backend_common.types import StopConditions
 
 from mocker_cuda.engine import MockerCudaEngine as Engine
 
@@ -74,7 +75,7 @@ async def load(engine: Engine, args: argparse.Namespace) -> tuple[int, float]:
             request = PreprocessedRequest(
                 model=engine.model,
                 token_ids=prompt,
-                stop_conditions={"max_tokens": args.max_tokens},
+                stop_conditions=StopConditions(max_tokens=args.max_tokens),
             )
             items = await collect(engine, request)
         if items[-1].finish_reason is not FinishReason.LENGTH:
@@ -110,6 +111,7 @@ async def main(args: argparse.Namespace) -> int:
     try:
         tokens, elapsed = await load(engine, args)
         leaked = engine.scheduler.kv.used_blocks if engine.scheduler is not None else 0
+        assert engine.device is not None  # set by start()
         stats = engine.device.stats()
     finally:
         await engine.cleanup()

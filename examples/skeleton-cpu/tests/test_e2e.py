@@ -1,16 +1,20 @@
 """End to end: the real Dynamo 1.6.1 frontend serves OpenAI chat requests from this backend.
 
-Needs the frontend's own virtual environment: ``make e2e`` installs it into ``.venv-dynamo``
-(scripts/install-dynamo-frontend.sh) and runs this file; ``DYNAMO_FRONTEND_PYTHON`` may
-point at another one. Without it the tests are skipped and say so. Everything runs on
-127.0.0.1 on free ports: file discovery in a temporary directory, the project's default
-request plane (tcp),
-and a tokenizer-only model written by ``backend_common.devstack.tinymodel``.
+Needs the frontend's own virtual environment: ``make test`` (and ``make e2e``) install it
+into ``.venv-dynamo`` on first use (scripts/install-dynamo-frontend.sh) unless
+``DYNAMO_FRONTEND_PYTHON`` points at another one. A bare ``pytest`` without either skips
+these tests and says so; ``make test`` never does. Everything runs on 127.0.0.1 on free
+ports: file discovery in a temporary directory, the project's default request plane
+(tcp), and a tokenizer-only model written by
+``backend_common.devstack.tinymodel``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +32,8 @@ from backend_common.devstack.tinymodel import write_tiny_model
 
 from skeleton_cpu.args import DEFAULT_REQUEST_PLANE
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
 MODEL = "tiny"
 READY_TIMEOUT_S = 90.0
 
@@ -43,19 +48,24 @@ pytestmark = [
 
 
 class Stack:
-    def __init__(self, frontend: Frontend, worker: ManagedProcess) -> None:
+    def __init__(self, frontend: Frontend, workers: list[ManagedProcess], ports: list[int]) -> None:
         self.frontend = frontend
-        self.worker = worker
+        self.workers = workers
+        self.system_ports = ports
+
+    @property
+    def worker(self) -> ManagedProcess:
+        return self.workers[0]
 
     def logs(self) -> str:
-        return (
-            f"--- frontend log tail ---\n{self.frontend.log_tail()}\n"
-            f"--- worker log tail ---\n{self.worker.log_tail()}"
-        )
+        tails = [f"--- frontend log tail ---\n{self.frontend.log_tail()}"]
+        for n, worker in enumerate(self.workers):
+            tails.append(f"--- worker {n} log tail ---\n{worker.log_tail()}")
+        return "\n".join(tails)
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
+def start_stack(tmp_path: Path, *roles: tuple[str, ...]) -> Iterator[Stack]:
+    """Frontend + one worker per entry of ``roles`` (its extra flags); stops all at the end."""
     model_path = write_tiny_model(tmp_path / "model")
     nats = None
     if DEFAULT_REQUEST_PLANE == "nats":
@@ -67,33 +77,46 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         request_plane=DEFAULT_REQUEST_PLANE,
         nats_url=nats_url,
     )
-    env = worker_env(
-        discovery_backend="file",
-        file_kv=frontend.file_kv,
-        request_plane=DEFAULT_REQUEST_PLANE,
-        nats_url=nats_url,
-        system_port=free_port(),
-    )
-    worker = ManagedProcess(
-        [sys.executable, "-m", "skeleton_cpu", "--model-path", str(model_path)]
-        + ["--model-name", MODEL, "--discovery-backend", "file"],
-        env=hermetic_env({**env, "PYTHONPATH": str(SRC)}),
-        log_path=tmp_path / "worker.log",
-    )
+    workers: list[ManagedProcess] = []
+    ports: list[int] = []
+    for n, role_args in enumerate(roles):
+        ports.append(free_port())
+        env = worker_env(
+            discovery_backend="file",
+            file_kv=frontend.file_kv,
+            request_plane=DEFAULT_REQUEST_PLANE,
+            nats_url=nats_url,
+            system_port=ports[-1],
+        )
+        workers.append(
+            ManagedProcess(
+                [sys.executable, "-m", "skeleton_cpu", "--model-path", str(model_path)]
+                + ["--model-name", MODEL, "--discovery-backend", "file", *role_args],
+                env=hermetic_env({**env, "PYTHONPATH": str(SRC)}),
+                log_path=tmp_path / f"worker{n}.log",
+            )
+        )
     try:
         frontend.start()
-        worker.start()
-        stack = Stack(frontend, worker)
+        for worker in workers:
+            worker.start()
+        stack = Stack(frontend, workers, ports)
         try:
-            frontend.wait_for_model(MODEL, timeout=READY_TIMEOUT_S)
+            frontend.wait_for_model(MODEL, timeout=READY_TIMEOUT_S, watch=workers)
         except (TimeoutError, RuntimeError) as exc:
             raise AssertionError(f"{exc}\n{stack.logs()}") from exc
         yield stack
     finally:
-        worker.terminate()
+        for worker in workers:
+            worker.terminate()
         frontend.stop()
         if nats is not None:
             nats.stop()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    yield from start_stack(tmp_path, ())
 
 
 async def test_chat_request_streams_through_the_real_frontend(stack: Stack) -> None:
@@ -120,3 +143,39 @@ async def test_non_streaming_chat_request(stack: Stack) -> None:
 def test_worker_stops_cleanly_and_leaves_discovery(stack: Stack) -> None:
     assert stack.worker.terminate(timeout=30) == 0, stack.logs()
     stack.frontend.wait_model_gone(MODEL, timeout=30)
+
+
+async def test_make_run_starts_a_serving_stack(tmp_path: Path) -> None:
+    """``scripts/run_local.py`` (``make run``) starts the frontend and the worker(s), and serves."""
+    port = free_port()
+    run_log = tmp_path / "run.log"
+    run = ManagedProcess(
+        [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--http-port", str(port)],
+        env=hermetic_env(
+            {
+                "PYTHONPATH": str(SRC),
+                "DYNAMO_FRONTEND_PYTHON": find_frontend_python() or "",
+                "PYTHONUNBUFFERED": "1",
+            }
+        ),
+        log_path=run_log,
+        cwd=tmp_path,
+    ).start()
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "Ready." not in run_log.read_text():
+            assert run.running, run.log_tail()
+            assert time.monotonic() < deadline, run.log_tail()
+            await asyncio.sleep(0.2)
+        async with aiohttp.ClientSession() as session:
+            result = await chat(
+                session, f"http://127.0.0.1:{port}", MODEL, "hello", max_tokens=4, stream=False
+            )
+        assert result.ok, f"{result.status} {result.error}\n{run.log_tail()}"
+    finally:
+        # SIGINT is Ctrl-C: the script stops every process it started, then exits.
+        run.send_signal(signal.SIGINT)
+        try:
+            run.wait(timeout=60)
+        finally:
+            run.kill()

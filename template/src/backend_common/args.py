@@ -33,12 +33,14 @@ from .config import (
     WorkerConfig,
 )
 from .errors import invalid_arg
+from .flags import add_deprecated_alias, add_flag, adopt_engine_flag, setting_value, watch_parser
 
 __all__ = [
     "SETTINGS",
     "Setting",
     "add_common_args",
     "log_filter_from_env",
+    "logging_jsonl_from_env",
     "parse_health_check_payload",
     "settings_markdown",
     "worker_config_from_args",
@@ -58,10 +60,10 @@ def parse_health_check_payload(value: str | None) -> dict[str, Any] | None:
             text = Path(text[1:]).read_text(encoding="utf-8")
         payload = json.loads(text)
     except (OSError, ValueError) as exc:
-        log.warning("health check payload: parse failed (%s); canary disabled", exc)
+        log.warning("health check payload: parse failed (%s); ignored", exc)
         return None
     if not isinstance(payload, dict):
-        log.warning("health check payload: value must be a JSON object; canary disabled")
+        log.warning("health check payload: value must be a JSON object; ignored")
         return None
     payload["_HEALTH_CHECK"] = True
     return payload
@@ -81,6 +83,52 @@ def _json_object(value: str | dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _truthy(raw: str) -> bool:
     return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _otlp_protocol(raw: str) -> str:
+    """``grpc`` or ``http/protobuf``; anything else warns and keeps ``http/protobuf``."""
+    value = raw.strip().lower()
+    if value in ("grpc", "http/protobuf"):
+        return value
+    log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%r is not grpc or http/protobuf; using http", raw)
+    return "http/protobuf"
+
+
+def _bool(name: str, default: bool) -> Callable[[str], bool]:
+    """1/true/yes/on or 0/false/no/off; anything else warns and keeps ``default``."""
+
+    def parse(raw: str) -> bool:
+        value = raw.strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        log.warning("%s=%r is not a boolean; using %s", name, raw, default)
+        return default
+
+    return parse
+
+
+def _structural_tag(value: str | dict[str, Any] | bool | None) -> dict[str, Any] | bool | None:
+    """``--dyn-structural-tag``: a JSON object, or true/false as in 1.6.1 (true: defaults)."""
+    if isinstance(value, bool):
+        return {} if value else False
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return {}
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return _json_object(value)
+
+
+def _system_port(raw: str) -> int | None:
+    """``DYN_SYSTEM_PORT``: a port; negative (1.6.1's default, -1) means no status server."""
+    try:
+        port = int(raw)
+    except ValueError:
+        raise invalid_arg(f"DYN_SYSTEM_PORT={raw!r} is not an integer") from None
+    if port > 65535:
+        raise invalid_arg(f"DYN_SYSTEM_PORT={port} is not a port number")
+    return port if port >= 0 else None
 
 
 def _seconds(name: str, default: float) -> Callable[[str], float]:
@@ -156,6 +204,11 @@ class Setting:
     choices: tuple[str, ...] | None = None
     parse: Callable[[str], Any] | None = None
     switch: bool = False  # a flag without a value: present = on; the variable is a boolean
+    # Old spellings of the flag, accepted (hidden, with a warning) for one release.
+    deprecated: tuple[str, ...] = ()
+    # The variable applies after the engine's flags (flags.py): an engine flag given on the
+    # command line feeding this setting beats the variable, as a flag beats its variable.
+    env_after_engine: bool = False
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -163,23 +216,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("namespace", "DYN_NAMESPACE", "dynamo", "Dynamo namespace", flag="--namespace"),
     Setting("component", "DYN_COMPONENT", "backend", "component name", flag="--component"),
     Setting("endpoint", "DYN_ENDPOINT", "generate", "endpoint name", flag="--endpoint"),
+    # No variables for the model's names and path: DYN_MODEL_NAME / DYN_MODEL_PATH are the
+    # 1.6.1 frontend's, and a shared environment must not leak them into workers.
     Setting(
         "model_name",
-        "DYN_MODEL_NAME",
+        None,
         "",
         "served model name (public id); default: the model path's directory name",
         flag="--model-name",
     ),
     Setting(
         "model_path",
-        "DYN_MODEL_PATH",
+        None,
         None,
         "local directory with tokenizer.json, tokenizer_config.json, config.json",
         flag="--model-path",
     ),
     Setting(
         "served_model_name",
-        "DYN_SERVED_MODEL_NAME",
+        None,
         None,
         "public model name, overriding --model-name",
         flag="--served-model-name",
@@ -212,7 +267,7 @@ SETTINGS: tuple[Setting, ...] = (
         "event_plane",
         "DYN_EVENT_PLANE",
         None,
-        "KV event plane; unset: nats when NATS_SERVER is set, else none (only nats is supported)",
+        "KV event plane; unset: zmq, as in Dynamo 1.6.1 (also when NATS_SERVER is set)",
         flag="--event-plane",
         choices=("nats", "zmq"),
     ),
@@ -232,7 +287,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "enable_kv_routing",
-        "DYN_DISABLE_KV_ROUTING",
+        None,
         False,
         "turn off KV event and snapshot publishing (the field is its negation)",
         flag="--disable-kv-routing",
@@ -240,7 +295,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "migration_limit",
-        "DYN_MIGRATION_LIMIT",
+        None,  # DYN_MIGRATION_LIMIT is the 1.6.1 frontend's
         0,
         "frontend retries of a stream whose worker is lost (model card)",
         flag="--migration-limit",
@@ -258,24 +313,36 @@ SETTINGS: tuple[Setting, ...] = (
         "DYN_TOOL_CALL_PARSER",
         None,
         "frontend tool-call parser name (model card)",
-        flag="--tool-call-parser",
-        aliases=("--dyn-tool-call-parser",),
+        flag="--dyn-tool-call-parser",
+        deprecated=("--tool-call-parser",),
+        env_after_engine=True,
     ),
     Setting(
         "reasoning_parser",
         "DYN_REASONING_PARSER",
         None,
         "frontend reasoning parser name (model card)",
-        flag="--reasoning-parser",
-        aliases=("--dyn-reasoning-parser",),
+        flag="--dyn-reasoning-parser",
+        deprecated=("--reasoning-parser",),
+        env_after_engine=True,
+    ),
+    Setting(
+        "exclude_tools_when_tool_choice_none",
+        "DYN_EXCLUDE_TOOLS_WHEN_TOOL_CHOICE_NONE",
+        True,
+        "leave tool definitions out of the chat template when tool_choice is 'none' "
+        "(model card); --no-exclude-tools-when-tool-choice-none turns it off",
+        flag="--exclude-tools-when-tool-choice-none",
+        parse=_bool("DYN_EXCLUDE_TOOLS_WHEN_TOOL_CHOICE_NONE", True),
     ),
     Setting(
         "structural_tag",
         "DYN_STRUCTURAL_TAG",
         None,
-        'structural-tag settings for tool calling, a JSON object (e.g. \'{"scope": "always"}\'); '
-        "published in the model card",
-        flag="--structural-tag",
+        'structural-tag settings for tool calling: a JSON object (e.g. \'{"scope": "always"}\'), '
+        "true (the defaults) or false; published in the model card",
+        flag="--dyn-structural-tag",
+        deprecated=("--structural-tag",),
     ),
     # Connections (environment only).
     Setting("etcd_endpoints", "ETCD_ENDPOINTS", "http://localhost:2379", "etcd URLs, comma list"),
@@ -288,13 +355,19 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("tcp_host", "DYN_TCP_RPC_HOST", "127.0.0.1", "TCP request plane bind address"),
     Setting("tcp_port", "DYN_TCP_RPC_PORT", 0, "TCP request plane port (0: any)", parse=int),
+    Setting(
+        "event_plane_host",
+        "DYN_EVENT_PLANE_HOST",
+        "127.0.0.1",
+        "ZMQ event plane: the address its sockets bind and advertise",
+    ),
     Setting("system_host", "DYN_SYSTEM_HOST", "127.0.0.1", "status server bind address"),
     Setting(
         "system_port",
         "DYN_SYSTEM_PORT",
         None,
-        "status server port (/health, /live, /metrics, model files); unset: no status server",
-        parse=int,
+        "status server port (/health, /live, /metrics, model files); unset or -1: no status server",
+        parse=_system_port,
     ),
     Setting("etcd.lease_ttl", "ETCD_LEASE_TTL", 10, "etcd lease TTL in seconds", parse=_lease_ttl),
     Setting("etcd.username", "ETCD_AUTH_USERNAME", None, "etcd user"),
@@ -350,12 +423,56 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds in-flight streams get after the drain starts; then they are cancelled",
         parse=_seconds("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", 30.0),
     ),
+    Setting(
+        "graceful_shutdown_cleanup_timeout",
+        "DYN_WORKER_SHUTDOWN_CLEANUP_TIMEOUT_SECS",
+        None,
+        "seconds engine.cleanup() may take; unset: the drain timeout. Past grace + drain + "
+        "cleanup (+ 7 s of fixed steps) the process exits with code 124",
+        parse=_seconds("DYN_WORKER_SHUTDOWN_CLEANUP_TIMEOUT_SECS", 30.0),
+    ),
+    # Health canary.
+    Setting(
+        "health_check_enabled",
+        "DYN_HEALTH_CHECK_ENABLED",
+        False,
+        "run the health canary by itself whenever the worker has been idle for "
+        "DYN_CANARY_WAIT_TIME",
+        parse=_truthy,
+    ),
+    Setting(
+        "canary_wait_time",
+        "DYN_CANARY_WAIT_TIME",
+        10.0,
+        "seconds without a request before the canary runs",
+        parse=_seconds("DYN_CANARY_WAIT_TIME", 10.0),
+    ),
+    Setting(
+        "health_check_request_timeout",
+        "DYN_HEALTH_CHECK_REQUEST_TIMEOUT",
+        3.0,
+        "seconds one canary may take",
+        parse=_seconds("DYN_HEALTH_CHECK_REQUEST_TIMEOUT", 3.0),
+    ),
     # Observability.
     Setting(
         "log_filter",
         "DYN_LOG",
         "info",
         "log filter: a level, or target=level pairs (backend_common=debug)",
+    ),
+    Setting(
+        "logging_jsonl",
+        "DYN_LOGGING_JSONL",
+        False,
+        "log JSON lines as Dynamo's workers write them",
+        parse=_truthy,
+    ),
+    Setting(
+        "prometheus_multiproc_dir",
+        "PROMETHEUS_MULTIPROC_DIR",
+        None,
+        "an engine's multiprocess Prometheus directory, served on /metrics",
     ),
     Setting(
         "tracing",
@@ -369,6 +486,15 @@ SETTINGS: tuple[Setting, ...] = (
         "OTEL_SERVICE_NAME",
         "backend_common",
         "service.name of the exported spans",
+    ),
+    Setting(
+        "otel_exporter_protocol",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "http/protobuf",
+        "OTLP protocol of the span export: http/protobuf (the tracing extra's exporter) or "
+        "grpc (needs opentelemetry-exporter-otlp-proto-grpc); OTEL_EXPORTER_OTLP_ENDPOINT "
+        "and the other OTEL_EXPORTER_OTLP_* variables are read by the exporter itself",
+        parse=_otlp_protocol,
     ),
 )
 
@@ -392,64 +518,95 @@ def log_filter_from_env() -> str:
     return _from_env(_BY_FIELD["log_filter"])
 
 
+def logging_jsonl_from_env() -> bool:
+    """``DYN_LOGGING_JSONL``: whether ``run`` configures JSON-line logging."""
+    return _from_env(_BY_FIELD["logging_jsonl"])
+
+
 # -- the parser -----------------------------------------------------------------------------
 _FLAG_TYPES: dict[str, Callable[[str], Any]] = {
     "disaggregation_mode": DisaggregationMode.parse,
     "migration_limit": int,
-    "structural_tag": _json_object,
+    "structural_tag": _structural_tag,
 }
 
 
+def _dest(s: Setting) -> str:
+    assert s.flag is not None
+    return s.flag.removeprefix("--").replace("-", "_")
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add Dynamo's shared worker flags; each defaults to its environment variable."""
+    """Add Dynamo's shared worker flags (1.6.1 names); each defaults to its variable.
+
+    Never adds an option string the parser already has, and yields any it has to a flag the
+    engine adds later (``flags.py``): the engine's definition wins and the setting is read
+    from it. ``deprecated`` spellings are hidden aliases that warn when used.
+    """
     g = parser.add_argument_group("Dynamo worker")
     for s in SETTINGS:
         if s.flag is None:
             continue
-        dest = s.flag.removeprefix("--").replace("-", "_")
-        raw = _env(s.env) if s.env else None
+        dest = _dest(s)
+        raw = _env(s.env) if s.env and not s.env_after_engine else None
         if s.switch:
-            g.add_argument(
-                s.flag, *s.aliases, dest=dest, action="store_true", default=_truthy(raw or "")
+            add_flag(
+                parser,
+                g,
+                s.flag,
+                *s.aliases,
+                setting=s.field,
+                dest=dest,
+                action="store_true",
+                default=_truthy(raw or ""),
+                help=s.help,
             )
             continue
         kwargs: dict[str, Any] = {"dest": dest, "help": s.help}
-        kwargs["default"] = raw if raw is not None else s.default
+        if isinstance(s.default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["default"] = s.parse(raw) if raw is not None and s.parse else s.default
+        else:
+            kwargs["default"] = raw if raw is not None else s.default
         if s.choices:
             kwargs["choices"] = list(s.choices)
         if s.field in _FLAG_TYPES:
             kwargs["type"] = _FLAG_TYPES[s.field]
-        g.add_argument(s.flag, *s.aliases, **kwargs)
+        if s.field == "structural_tag":
+            kwargs.update(nargs="?", const="true")
+        add_flag(parser, g, s.flag, *s.aliases, setting=s.field, **kwargs)
+        for old in s.deprecated:
+            typed = {"type": kwargs["type"]} if "type" in kwargs else {}
+            add_deprecated_alias(parser, g, old, new=s.flag, setting=s.field, dest=dest, **typed)
+    # An engine's --model (vLLM) names the model directory too.
+    adopt_engine_flag(parser, "--model", setting="model_path")
+    watch_parser(parser)
     return parser
 
 
 def worker_config_from_args(args: argparse.Namespace, **overrides: Any) -> WorkerConfig:
-    """Build the ``WorkerConfig`` from parsed common args plus the environment-only settings."""
-    model_path = args.model_path
-    values: dict[str, Any] = dict(
-        namespace=args.namespace,
-        component=args.component,
-        endpoint=args.endpoint,
-        model_name=args.model_name or (Path(model_path).name if model_path else ""),
-        model_path=model_path,
-        served_model_name=args.served_model_name,
-        endpoint_types=args.endpoint_types,
-        discovery_backend=args.discovery_backend,
-        request_plane=args.request_plane,
-        event_plane=args.event_plane,
-        disaggregation_mode=args.disaggregation_mode,
-        custom_jinja_template=args.custom_jinja_template,
-        tool_call_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser,
-        structural_tag=_json_object(getattr(args, "structural_tag", None)),
-        enable_kv_routing=not args.disable_kv_routing,
-        migration_limit=args.migration_limit,
+    """Build the ``WorkerConfig`` from parsed common args plus the environment-only settings.
+
+    A setting whose flag the engine defines is read from the engine's flag (``flags.py``).
+    """
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        if s.flag is None:
+            continue
+        value = setting_value(args, s.field, _dest(s))
+        if value is None and s.env_after_engine:
+            value = _from_env(s)
+        values[s.field] = s.default if value is None else value
+    model_path = values["model_path"]
+    values["model_name"] = values["model_name"] or (Path(model_path).name if model_path else "")
+    values["enable_kv_routing"] = not values["enable_kv_routing"]  # the flag is its negation
+    values["migration_limit"] = int(values["migration_limit"])
+    structural_tag = _structural_tag(values["structural_tag"])
+    values["structural_tag"] = structural_tag if isinstance(structural_tag, dict) else None
+    values["exclude_tools_when_tool_choice_none"] = bool(
+        values["exclude_tools_when_tool_choice_none"]
     )
-    raw_payload = args.health_check_payload
-    values["health_check_payload"] = parse_health_check_payload(raw_payload)
-    values["health_check_disabled"] = bool(
-        raw_payload and raw_payload.strip() and values["health_check_payload"] is None
-    )
+    values["health_check_payload"] = parse_health_check_payload(values["health_check_payload"])
     sub: dict[str, dict[str, Any]] = {"etcd": {}, "nats": {}}
     for s in SETTINGS:
         if s.flag is not None:
@@ -461,9 +618,6 @@ def worker_config_from_args(args: argparse.Namespace, **overrides: Any) -> Worke
             values[s.field] = _from_env(s)
     values["etcd"] = EtcdOptions(**sub["etcd"])
     values["nats"] = NatsOptions(**sub["nats"])
-    if values["event_plane"] is None and _env("NATS_SERVER"):
-        # Dynamo picks NATS when a NATS server is configured and no plane was named.
-        values["event_plane"] = "nats"
     values.update(overrides)
     return WorkerConfig(**values)
 
@@ -484,10 +638,10 @@ def settings_markdown() -> str:
     lines = [
         "# Worker settings",
         "",
-        "Every setting of a worker, generated from `backend_common.args.SETTINGS` (regenerate",
-        "with `python -m backend_common.args --markdown > docs/settings.md` from the runtime's",
-        "parent directory). A flag beats its environment variable, which beats the default; an",
-        "empty variable counts as unset. `args.py` reads them once, in `from_args`, into",
+        "Every setting of a worker, generated from `backend_common.args.SETTINGS`: this file is",
+        "the output of `python -m backend_common.args --markdown`. A flag beats its environment",
+        "variable, which beats the default; an empty variable counts as unset. The Dynamo 1.6.x",
+        "names and defaults are kept. `args.py` reads them once, in `from_args`, into",
         "`WorkerConfig`; a `WorkerConfig` built in code gets the defaults and never reads the",
         "environment. Fields marked `etcd.` / `nats.` live in `WorkerConfig.etcd` / `.nats`.",
         "",
@@ -496,6 +650,8 @@ def settings_markdown() -> str:
     ]
     for s in SETTINGS:
         flag = ", ".join(f"`{f}`" for f in (s.flag, *s.aliases) if f) or "—"
+        if s.deprecated:
+            flag += " (old: " + ", ".join(f"`{f}`" for f in s.deprecated) + ")"
         env = f"`{s.env}`" if s.env else "—"
         meaning = s.help.replace("|", "\\|")
         lines.append(f"| {flag} | {env} | {_shown_default(s)} | `{s.field}` | {meaning} |")

@@ -1,4 +1,11 @@
-"""KV cache events for Dynamo's KV-aware router (wire.md section 6.4), on the NATS event plane.
+"""KV cache events for Dynamo's KV-aware router, on the NATS or the ZMQ event plane.
+
+Wire format: docs/wire-protocol.md#kv-events; the engine's side:
+docs/contract.md#kv-events-and-snapshots.
+
+The ZMQ event plane (1.6.1's default) is ``zmq_event_plane``; an engine that publishes
+its events on its own ZMQ socket, as vLLM and SGLang do, returns a ``ZmqSource`` instead
+of a ``PushSource`` (see ``runtime.zmq_source``).
 
 An engine that wants ``--router-mode kv`` to send repeated prefixes back to it
 returns one ``PushSource`` per data-parallel rank from ``kv_event_sources()``::
@@ -31,7 +38,7 @@ later ``removed`` events and as ``parent_hash`` of the next stored run.
 tokens hash; then ``xxh3_64(u64-LE parent, u64-LE tokens_hash, seed=1337)``),
 which engines may use as their ``block_hash``.
 
-Wire format (per publisher): NATS subject
+Wire format (per publisher; the ZMQ plane sends the same envelope): NATS subject
 ``namespace.{ns}.component.{comp}.endpoint.{ep}.{topic}``; message = msgpack
 envelope ``{publisher_id, sequence, published_at (ms), topic, payload: bytes}``;
 ``kv-events`` payload = ``[RouterEvent]`` with
@@ -51,7 +58,7 @@ import random
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +67,7 @@ import msgpack
 try:
     import xxhash
 except ImportError:  # a runtime dependency; guarded so the worker imports without it
-    xxhash = None
+    xxhash = None  # type: ignore[assignment]
 
 from .errors import invalid_arg
 
@@ -92,12 +99,19 @@ MAX_PENDING = 65536
 
 
 # -- hashing (what the router computes from request tokens) ----------------------------
-def tokens_hash(tokens: Sequence[int]) -> int:
-    """The router's ``local_block_hash`` of one block: xxh3-64 (seed 1337) of u32-LE ids."""
+def tokens_hash(tokens: Sequence[int], lora_name: str | None = None) -> int:
+    """The router's ``local_block_hash`` of one block: xxh3-64 (seed 1337) of u32-LE ids.
+
+    A non-empty ``lora_name`` seeds the hash with ``1337 + xxh3_64(name)`` (mod 2**64), as
+    1.6.1's ``compute_block_hash_for_seq`` does, so adapters never share blocks.
+    """
     if xxhash is None:
         raise RuntimeError("KV block hashing needs the 'xxhash' package (pip install xxhash)")
     data = struct.pack(f"<{len(tokens)}I", *(t & 0xFFFFFFFF for t in tokens))
-    return xxhash.xxh3_64_intdigest(data, seed=KV_HASH_SEED)
+    seed = KV_HASH_SEED
+    if lora_name:
+        seed = (seed + xxhash.xxh3_64_intdigest(lora_name.encode())) & U64
+    return xxhash.xxh3_64_intdigest(data, seed=seed)
 
 
 def _chain(parent: int, local: int) -> int:
@@ -134,7 +148,7 @@ class PushSource:
 
 @dataclass(frozen=True)
 class ZmqSource:
-    """An engine-owned ZMQ PUB socket (vLLM/SGLang style). Not supported by this runtime."""
+    """An engine-owned ZMQ PUB socket of KV events in vLLM's format (``runtime.zmq_source``)."""
 
     endpoint: str
     topic: str = ""
@@ -157,15 +171,22 @@ def _key(bucket: str, ns: str, comp: str, ep: str, topic: str, publisher_id: int
 
 
 def event_channel_record(
-    ns: str, comp: str, ep: str, topic: str, publisher_id: int
+    ns: str,
+    comp: str,
+    ep: str,
+    topic: str,
+    publisher_id: int,
+    transport: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """``(key, EventChannel record)`` announcing a NATS publisher of ``topic``."""
+    """``(key, EventChannel record)`` announcing a publisher of ``topic`` (default: on NATS)."""
+    if transport is None:
+        transport = {"kind": "Nats", "config": {"subject_prefix": subject_prefix(ns, comp, ep)}}
     value = {
         "type": "EventChannel",
         "scope": _scope(ns, comp, ep),
         "topic": topic,
         "instance_id": publisher_id,
-        "transport": {"kind": "Nats", "config": {"subject_prefix": subject_prefix(ns, comp, ep)}},
+        "transport": transport,
     }
     return _key("event_channels", ns, comp, ep, topic, publisher_id), value
 
@@ -234,11 +255,13 @@ class KvEventPublisher:
     def publisher_id(self) -> int:
         return self._channel.publisher_id
 
-    def _emit(self, data: dict[str, Any]) -> None:
+    def _emit(self, data: dict[str, Any] | str, storage_tier: str = "device") -> None:
         with self._lock:
             self._event_id += 1
             event_id = self._event_id
-        self._plane._submit(self._channel, data, event_id=event_id, dp_rank=self.dp_rank)
+        self._plane._submit(
+            self._channel, data, event_id=event_id, dp_rank=self.dp_rank, storage_tier=storage_tier
+        )
 
     def publish_stored(
         self,
@@ -246,12 +269,17 @@ class KvEventPublisher:
         num_block_tokens: Sequence[int],
         block_hashes: Sequence[int],
         parent_hash: int | None = None,
+        *,
+        lora_name: str | None = None,
+        storage_tier: str = "device",
     ) -> None:
         """Full blocks entered the cache: their tokens (concatenated), sizes and ids, in order.
 
         ``parent_hash`` is the ``block_hash`` of the block before the first one (None at the
         start of a sequence). Sizes must match ``token_ids``; a block shorter than the KV block
-        size cannot be matched by the router and is rejected.
+        size cannot be matched by the router and is rejected. ``lora_name`` is the adapter the
+        blocks were computed with; ``storage_tier`` is Dynamo's tier name (``device``,
+        ``host_pinned``, ``disk``, ``external``).
         """
         if len(num_block_tokens) != len(block_hashes):
             raise invalid_arg("num_block_tokens and block_hashes must have the same length")
@@ -265,7 +293,7 @@ class KvEventPublisher:
             blocks.append(
                 {
                     "block_hash": int(block_hash) & U64,
-                    "tokens_hash": tokens_hash(token_ids[start : start + size]),
+                    "tokens_hash": tokens_hash(token_ids[start : start + size], lora_name),
                     "mm_extra_info": None,
                 }
             )
@@ -273,13 +301,14 @@ class KvEventPublisher:
         if not blocks:
             return
         parent = None if parent_hash is None else int(parent_hash) & U64
-        self._emit({"stored": {"parent_hash": parent, "start_position": None, "blocks": blocks}})
+        stored = {"parent_hash": parent, "start_position": None, "blocks": blocks}
+        self._emit({"stored": stored}, storage_tier)
 
-    def publish_removed(self, block_hashes: Sequence[int]) -> None:
+    def publish_removed(self, block_hashes: Sequence[int], *, storage_tier: str = "device") -> None:
         """Blocks left the cache (evicted or freed without caching)."""
         hashes = [int(h) & U64 for h in block_hashes]
         if hashes:
-            self._emit({"removed": {"block_hashes": hashes}})
+            self._emit({"removed": {"block_hashes": hashes}}, storage_tier)
 
     def publish_cleared(self) -> None:
         """Every block of this rank is gone (cache reset)."""
@@ -322,9 +351,11 @@ class EventPlane:
         self.kv_publishers: list[KvEventPublisher] = []
         self.load = LoadPublisher(self)
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[tuple[_Channel, Any, dict[str, int]] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[_Channel, Any, dict[str, Any]] | None] = asyncio.Queue()
         self._sender = self._loop.create_task(self._send_loop())
         self._warned = False
+        # Stopped first by close(), before the last events are flushed (ZMQ source relays).
+        self._on_close: list[Callable[[], Awaitable[None]]] = []
 
     @classmethod
     async def connect(cls, servers: str, ns: str, comp: str, ep: str, worker_id: int) -> EventPlane:
@@ -341,14 +372,41 @@ class EventPlane:
     def records(self, worker_id: int) -> list[tuple[str, dict[str, Any]]]:
         self.worker_id = worker_id
         ns, comp, ep = self.ns, self.comp, self.ep
-        out = [event_channel_record(ns, comp, ep, KV_METRICS_TOPIC, self.load.publisher_id)]
+        load = self.load._channel
+        out = [
+            event_channel_record(
+                ns, comp, ep, KV_METRICS_TOPIC, load.publisher_id, self._transport(load)
+            )
+        ]
         for pub in self.kv_publishers:
-            out.append(event_channel_record(ns, comp, ep, KV_EVENTS_TOPIC, pub.publisher_id))
+            channel = pub._channel
+            out.append(
+                event_channel_record(
+                    ns, comp, ep, KV_EVENTS_TOPIC, pub.publisher_id, self._transport(channel)
+                )
+            )
             out.append(event_source_record(ns, comp, ep, pub.publisher_id, worker_id, pub.dp_rank))
         return out
 
+    def on_close(self, stop: Callable[[], Awaitable[None]]) -> None:
+        """Have ``close()`` await ``stop()`` first (a feeder of this plane's publishers)."""
+        self._on_close.append(stop)
+
+    # -- transport (overridden by the ZMQ event plane) ------------------------------------
+    def _transport(self, channel: _Channel) -> dict[str, Any]:
+        return {"kind": "Nats", "config": {"subject_prefix": self.prefix}}
+
+    async def _publish(self, channel: _Channel, envelope: bytes) -> None:
+        await self._nc.publish(channel.subject, envelope)
+
+    async def _close_transport(self) -> None:
+        try:
+            await asyncio.wait_for(self._nc.drain(), 2.0)
+        except Exception:  # noqa: BLE001
+            await self._nc.close()
+
     # -- sending -----------------------------------------------------------------------
-    def _submit(self, channel: _Channel, data: Any, **extra: int) -> None:
+    def _submit(self, channel: _Channel, data: Any, **extra: Any) -> None:
         item = (channel, data, extra)
         try:
             on_loop = asyncio.get_running_loop() is self._loop
@@ -359,13 +417,13 @@ class EventPlane:
         elif not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._enqueue, item)
 
-    def _enqueue(self, item: tuple[_Channel, Any, dict[str, int]]) -> None:
+    def _enqueue(self, item: tuple[_Channel, Any, dict[str, Any]]) -> None:
         if self._queue.qsize() >= MAX_PENDING:
             self._warn("event queue full; dropping KV events")
             return
         self._queue.put_nowait(item)
 
-    def _payload(self, channel: _Channel, data: Any, extra: dict[str, int]) -> Any:
+    def _payload(self, channel: _Channel, data: Any, extra: dict[str, Any]) -> Any:
         if channel.topic == KV_METRICS_TOPIC:
             return {
                 "worker_id": self.worker_id,
@@ -378,7 +436,7 @@ class EventPlane:
         return [
             {
                 "worker_id": self.worker_id,
-                "storage_tier": "device",
+                "storage_tier": extra.get("storage_tier", "device"),
                 "residency_domain": "worker",
                 "event": event,
             }
@@ -391,9 +449,7 @@ class EventPlane:
                 return
             channel, data, extra = item
             try:
-                await self._nc.publish(
-                    channel.subject, channel.envelope(self._payload(channel, data, extra))
-                )
+                await self._publish(channel, channel.envelope(self._payload(channel, data, extra)))
             except Exception as exc:  # noqa: BLE001 - events are best effort, as in Dynamo
                 self._warn(f"KV event publish failed ({exc!r}); suppressing further warnings")
 
@@ -405,12 +461,14 @@ class EventPlane:
             log.debug(message)
 
     async def close(self) -> None:
+        for stop in self._on_close:
+            try:
+                await stop()
+            except Exception:  # noqa: BLE001 - closing must reach the transport
+                log.exception("stopping a KV event feeder failed")
         self._queue.put_nowait(None)
         try:
             await asyncio.wait_for(self._sender, 2.0)
         except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
             self._sender.cancel()
-        try:
-            await asyncio.wait_for(self._nc.drain(), 2.0)
-        except Exception:  # noqa: BLE001
-            await self._nc.close()
+        await self._close_transport()

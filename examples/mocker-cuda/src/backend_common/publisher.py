@@ -1,6 +1,7 @@
 """Per-rank KV cache snapshots: the ``dynamo_component_*`` gauges and the router's load signal.
 
-contract.md section 9.2. An engine opts in by defining two optional methods::
+docs/contract.md#kv-events-and-snapshots. An engine opts in by overriding two optional
+hooks of ``LLMEngine``::
 
     def component_metrics_dp_ranks(self) -> list[int]:
         return [0]                                   # the ranks it will report

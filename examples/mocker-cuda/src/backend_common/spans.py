@@ -14,6 +14,7 @@ the tracer provider kept here (``set_tracer_provider`` overrides it, e.g. for te
 
 from __future__ import annotations
 
+import importlib
 import logging
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -42,8 +43,14 @@ def set_tracer_provider(provider: Any) -> None:
     _configured = True
 
 
-def configure_export(service_name: str = INSTRUMENTATION) -> None:
-    """Install an OTLP-exporting SDK provider once, unless the application has its own."""
+def configure_export(service_name: str = INSTRUMENTATION, protocol: str = "http/protobuf") -> None:
+    """Install an OTLP-exporting SDK provider once, unless the application has its own.
+
+    ``protocol`` ``http/protobuf`` uses opentelemetry-exporter-otlp-proto-http (the
+    ``tracing`` extra), ``grpc`` opentelemetry-exporter-otlp-proto-grpc; the exporter reads
+    its endpoint and the rest from the standard ``OTEL_EXPORTER_OTLP_*`` variables. Without
+    the package the spans are created but not exported (logged once).
+    """
     global _configured
     if _configured:
         return
@@ -52,19 +59,25 @@ def configure_export(service_name: str = INSTRUMENTATION) -> None:
 
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         return
+    package = "grpc" if protocol == "grpc" else "http"
     try:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        exporter = importlib.import_module(
+            f"opentelemetry.exporter.otlp.proto.{package}.trace_exporter"
+        )
     except ImportError:
         log.warning(
-            "tracing is on but opentelemetry-sdk / opentelemetry-exporter-otlp are not "
-            "installed: spans are created but not exported"
+            "tracing is on but opentelemetry-sdk / opentelemetry-exporter-otlp-proto-%s are "
+            "not installed: spans are created but not exported",
+            package,
         )
         return
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(exporter.OTLPSpanExporter()))
+    # TracerProvider flushes spans still queued at interpreter exit (shutdown_on_exit).
     trace.set_tracer_provider(provider)
 
 

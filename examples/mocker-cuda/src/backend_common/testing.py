@@ -7,7 +7,7 @@
 
 ``factory()`` (sync or async) must return a fresh, not-started engine; it is
 called twice: once for the engine under test, once for a never-started engine.
-The checks run in Dynamo's order (contract section 4.2); the first failure
+The checks run in Dynamo's order (docs/contract.md#conformance-kit); the first failure
 raises ``ConformanceError`` whose ``kind`` is the Rust kit's variant name and
 whose message says what to fix. The kit calls the engine directly: no network,
 no worker. Streams are read through the debug validator.
@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from .context import GenerateContext
 from .engine import LLMEngine
-from .types import FinishReason, LLMEngineOutput, PreprocessedRequest
+from .types import FinishReason, LLMEngineOutput, PreprocessedRequest, StopConditions
 from .validate import S1_MESSAGE, ContractViolation, validated
 
 __all__ = [
@@ -86,7 +86,7 @@ def cancelling_context(after_s: float) -> GenerateContext:
 
 def standard_request(model: str, max_tokens: int = STANDARD_MAX_TOKENS) -> PreprocessedRequest:
     return PreprocessedRequest(
-        model=model, token_ids=[1, 2, 3], stop_conditions={"max_tokens": max_tokens}
+        model=model, token_ids=[1, 2, 3], stop_conditions=StopConditions(max_tokens=max_tokens)
     )
 
 
@@ -277,7 +277,7 @@ async def _check_cancellation(engine: LLMEngine, model: str) -> None:
 
 
 async def run_conformance(factory: EngineFactory) -> None:
-    """Run every check of contract section 4.2 in order.
+    """Run every check of docs/contract.md#conformance-kit in order.
 
     Raises ``ConformanceError`` on the first failure; its ``kind`` names the check.
     """

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from backend_common import DisaggregationMode, WorkerConfig
 from backend_common.args import add_common_args, worker_config_from_args
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_REQUEST_PLANE", "SUPPORTED_MODES", "build_parser", "from_args"]
 
-DEFAULT_REQUEST_PLANE = "tcp"
+DEFAULT_REQUEST_PLANE: Final = "tcp"
 """The request plane chosen at generation; ``DYN_REQUEST_PLANE`` or ``--request-plane`` win."""
 
 SUPPORTED_MODES = tuple(DisaggregationMode(role) for role in ["agg", "prefill", "decode"])
@@ -52,7 +52,9 @@ def from_args(
     """
     if engine_cls is None:
         # Imported here, not at the top: engine.py imports this module for its from_args.
-        from .engine import MockerCudaEngine as engine_cls
+        from .engine import MockerCudaEngine
+
+        engine_cls = MockerCudaEngine
     args = build_parser(engine_cls).parse_args(argv)
     config = worker_config_from_args(args)
     if config.disaggregation_mode not in SUPPORTED_MODES:

@@ -134,7 +134,10 @@ class MockerCudaEngine(LLMEngine):
         return build_engine(args, config, cls)
 
     @classmethod
-    def from_args(cls, argv: list[str] | None = None) -> tuple[Self, WorkerConfig]:
+    def from_args(
+        cls,
+        argv: list[str] | None = None,
+    ) -> tuple[MockerCudaEngine, WorkerConfig]:
         from .args import from_args
 
         return from_args(argv, cls)

@@ -134,8 +134,6 @@ class WorkerConfig:
     enable_kv_routing: bool = True
     migration_limit: int = 0
     health_check_payload: dict[str, Any] | None = None
-    # An operator payload was given but is not a JSON object: no canary at all (not the engine's).
-    health_check_disabled: bool = False
     metrics_labels: list[tuple[str, str]] = field(default_factory=list)
     # Connection settings (flags or the usual env vars).
     etcd_endpoints: str = "http://localhost:2379"
@@ -143,6 +141,8 @@ class WorkerConfig:
     file_kv: str | None = None
     tcp_host: str = "127.0.0.1"
     tcp_port: int = 0
+    # Host of the ZMQ event plane's PUB sockets: bound and advertised (DYN_EVENT_PLANE_HOST).
+    event_plane_host: str = "127.0.0.1"
     system_host: str = "127.0.0.1"
     system_port: int | None = None
     etcd: EtcdOptions = field(default_factory=EtcdOptions)
@@ -155,10 +155,21 @@ class WorkerConfig:
     # Shutdown (see docs/architecture.md#shutdown-sequence).
     graceful_shutdown_grace_period: float = 5.0
     graceful_shutdown_timeout: float = 30.0
+    # None: the graceful shutdown timeout. Past grace + timeout + cleanup (+ the worker's fixed
+    # steps) the process exits with code 124 (runtime/worker.py).
+    graceful_shutdown_cleanup_timeout: float | None = None
+    # Health canary (runtime/canary.py): runs by itself on a worker idle for canary_wait_time.
+    health_check_enabled: bool = False
+    canary_wait_time: float = 10.0
+    health_check_request_timeout: float = 3.0
     # Observability.
     log_filter: str = "info"
+    logging_jsonl: bool = False
+    # An engine's multiprocess metrics directory, served on /metrics (runtime/engine_metrics.py).
+    prometheus_multiproc_dir: str | None = None
     tracing: bool = False
     otel_service_name: str = "backend_common"
+    otel_exporter_protocol: str = "http/protobuf"
 
     def __post_init__(self) -> None:
         self.disaggregation_mode = DisaggregationMode.parse(self.disaggregation_mode)

@@ -7,7 +7,7 @@ what the frontend does with it: ``InvalidArgument`` becomes HTTP 400 and leaves
 the worker in rotation; everything else becomes an error event in the stream.
 
 Plain Python exceptions are mapped by ``from_exception`` in the same order as
-Dynamo's Python bridge (contract section 6.3): DynamoError as is, HTTP-like
+Dynamo's Python bridge (docs/contract.md#errors): DynamoError as is, HTTP-like
 exceptions by status, then by exception type, else ``Unknown``.
 """
 
@@ -100,11 +100,55 @@ class DynamoError(Exception):
             return self.backend_error.value
         return self.error_type.value
 
+    def to_wire(self) -> dict[str, object]:
+        """The serialized ``DynamoError`` of an ``Annotated`` error item, as Dynamo writes it.
+
+        ``error_type`` is the legacy category (``{"Backend": "EngineShutdown"}`` for backend
+        errors), ``class`` its canonical class, ``reason`` the catalog key that belongs to
+        that class, ``message`` the text. The frontend reads the category from it.
+        """
+        if self.error_type is ErrorType.Backend:
+            legacy: object = {"Backend": self.backend_error.value}
+            canonical, reason = _BACKEND_WIRE[self.backend_error]
+        else:
+            legacy = _LEGACY_NAME.get(self.error_type, self.error_type.value)
+            canonical, reason = _TOP_LEVEL_WIRE[self.error_type]
+        return {"error_type": legacy, "class": canonical, "reason": reason, "message": self.message}
+
     def __repr__(self) -> str:
         return f"DynamoError({self.kind}: {self.message!r})"
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
+
+
+# Canonical class and reason key of each category (Dynamo's error catalog).
+_BACKEND_WIRE: dict[BackendError, tuple[str, str]] = {
+    BackendError.Unknown: ("Internal", "backend.unknown"),
+    BackendError.InvalidArgument: ("InvalidRequest", "backend.invalid_argument"),
+    BackendError.CannotConnect: ("Unavailable", "backend.cannot_connect"),
+    BackendError.Disconnected: ("Unavailable", "backend.disconnected"),
+    BackendError.ConnectionTimeout: ("DeadlineExceeded", "backend.connection_timeout"),
+    BackendError.ResponseTimeout: ("DeadlineExceeded", "backend.response_timeout"),
+    BackendError.Cancelled: ("Cancelled", "backend.cancelled"),
+    BackendError.EngineShutdown: ("Unavailable", "backend.engine_shutdown"),
+    BackendError.StreamIncomplete: ("Unavailable", "backend.stream_incomplete"),
+}
+_TOP_LEVEL_WIRE: dict[ErrorType, tuple[str, str]] = {
+    ErrorType.InvalidArgument: ("InvalidRequest", "request.invalid_argument"),
+    ErrorType.CannotConnect: ("Unavailable", "transport.cannot_connect"),
+    ErrorType.Disconnected: ("Unavailable", "transport.disconnected"),
+    ErrorType.ConnectionTimeout: ("DeadlineExceeded", "transport.connection_timeout"),
+    ErrorType.ResponseTimeout: ("DeadlineExceeded", "backend.response_timeout"),
+    ErrorType.Cancelled: ("Cancelled", "request.cancelled"),
+    ErrorType.ResourceExhausted: ("CapacityExhausted", "capacity.pool_exhausted"),
+    ErrorType.WorkerOverloaded: ("CapacityExhausted", "capacity.worker_overloaded"),
+    ErrorType.Unavailable: ("Unavailable", "backend.unavailable"),
+    ErrorType.WorkerUnavailable: ("Unavailable", "backend.worker_unavailable"),
+    ErrorType.Unknown: ("Internal", "runtime.unclassified"),
+}
+# Legacy names that the wire spells differently from ours.
+_LEGACY_NAME: dict[ErrorType, str] = {ErrorType.WorkerOverloaded: "ResourceExhausted"}
 
 
 def _make(kind: BackendError):
@@ -136,7 +180,7 @@ def _http_status(exc: BaseException) -> int | None:
 
 
 def from_exception(exc: BaseException) -> DynamoError:
-    """Classify any exception raised by engine code (contract section 6.3)."""
+    """Classify any exception raised by engine code (docs/contract.md#errors)."""
     if isinstance(exc, DynamoError):
         return exc
     status = _http_status(exc)

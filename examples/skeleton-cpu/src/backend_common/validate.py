@@ -41,7 +41,7 @@ def _check_encode_terminal(item: LLMEngineOutput) -> None:
             "Encode-mode contract violation: non-cancelled terminal chunk must carry "
             "encoder_result: Some(Value::Object(_)). Use LLMEngineOutput::encode_terminal(map) "
             "or .with_encoder_result(map) instead of LLMEngineOutput::stop(). "
-            f"Got finish_reason={item.finish_reason.value}, "
+            f"Got finish_reason={getattr(item.finish_reason, 'value', None)}, "
             f"encoder_result={item.encoder_result!r}"
         )
 

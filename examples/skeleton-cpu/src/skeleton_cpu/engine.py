@@ -92,7 +92,10 @@ class SkeletonCpuEngine(LLMEngine):
         )
 
     @classmethod
-    def from_args(cls, argv: list[str] | None = None) -> tuple[SkeletonCpuEngine, WorkerConfig]:
+    def from_args(
+        cls,
+        argv: list[str] | None = None,
+    ) -> tuple[SkeletonCpuEngine, WorkerConfig]:
         return cli.from_args(argv, cls)
 
     async def start(self, worker_id: int) -> EngineConfig:

@@ -2,7 +2,8 @@
 
 Contract: ``write_tiny_model(out_dir)`` creates (or overwrites) ``out_dir`` with exactly
 what the frontend needs to build its chat/completions preprocessor for a worker that
-registers the directory (real-dynamo.md §4): no weights, only
+registers the directory (docs/wire-protocol.md#model-record-and-model-card): no weights,
+only
 
 * ``tokenizer.json``: WordLevel vocabulary ``w0 .. w{N-1}`` at ids ``0 .. N-1``, then
   ``<unk>`` = N, ``<s>`` = N+1 (BOS), ``</s>`` = N+2 (EOS); WhitespaceSplit pre-tokenizer;

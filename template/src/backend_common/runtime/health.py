@@ -1,4 +1,6 @@
-"""The health canary's payload: which request the worker sends itself (contract.md section 7.6).
+"""The health canary's payload: which request the worker sends itself.
+
+The canary's contract: docs/contract.md#health-canary.
 
 ``resolve_health_check_payload(override, engine)`` is called once by the worker after
 ``setup_metrics``. Precedence, as in Dynamo's workers:
@@ -7,14 +9,16 @@
    flag, which itself defaults to ``DYN_HEALTH_CHECK_PAYLOAD``; both read in ``args.py``);
 2. ``await engine.health_check_payload()``.
 
-An operator payload that is set but invalid disables the canary
-(``WorkerConfig.health_check_disabled``; the worker then does not call this at all).
+An operator payload that does not parse is dropped by ``args.py`` with a warning, so the
+engine's payload is used then too.
 
 The first one that is set wins (an operator payload fully replaces the engine's, even
-``{}``). Whatever wins must be a JSON object, else the canary is disabled with a
-warning; it is stamped ``_HEALTH_CHECK: true`` (overriding a ``false``), which makes
-``request.is_probe`` true in ``generate``. ``None`` means no canary: ``/health`` then
-reports healthy while the worker serves.
+``{}``). An operator payload that is not a JSON object (or does not parse) is ignored with
+a warning and the engine's payload is used; an engine payload that is not a JSON object
+disables the canary with a warning. The winner is stamped ``_HEALTH_CHECK: true``
+(overriding a ``false``), which makes ``request.is_probe`` true in ``generate``. ``None``
+means no canary: ``/health`` then reports healthy while the worker serves. When the canary
+runs, and what ``/health`` reports, is the worker's (``canary.py``).
 
 ``build_health_check_payload(bos_token_id)`` is the usual engine-side payload: one token,
 greedy, ``max_tokens=1``, ``ignore_eos``.
@@ -50,7 +54,9 @@ def build_health_check_payload(
         "sampling_options": {"temperature": 0.0},
     }
     payload.update(extras or {})
-    return stamp_canary_marker(payload)
+    stamped = stamp_canary_marker(payload)
+    assert stamped is not None  # a dict is always stamped
+    return stamped
 
 
 def stamp_canary_marker(payload: Any) -> dict[str, Any] | None:
@@ -68,7 +74,12 @@ async def resolve_health_check_payload(
 ) -> dict[str, Any] | None:
     """The canary payload by precedence override > engine (see the module docstring)."""
     if override is not None:
-        return stamp_canary_marker(override)
+        if isinstance(override, dict):
+            return stamp_canary_marker(override)
+        log.warning(
+            "health_check_payload override is not a JSON object; "
+            "using the engine's health_check_payload()"
+        )
     try:
         payload = await engine.health_check_payload()
     except Exception:  # noqa: BLE001 - a broken hook disables the canary, not the worker

@@ -1,4 +1,5 @@
-"""The model deployment card a worker publishes in its Model record (wire.md section 2.6).
+"""The model deployment card a worker publishes in its Model record
+(docs/wire-protocol.md#model-record-and-model-card).
 
 ``build_model_card(config, engine_config, base_url=...)`` is called once by the
 worker after ``engine.start()`` (and its result reused on re-registration). It
@@ -56,7 +57,7 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 CHAT_TEMPLATE = "chat_template.jinja"
 DEFAULT_KV_BLOCK_SIZE = 16
 
-# contract.md section 8.4: endpoint type -> ModelType flag name.
+# Endpoint type -> ModelType flag name (docs/wire-protocol.md#model-record-and-model-card).
 _ENDPOINT_TYPES = {
     "chat": "Chat",
     "completions": "Completions",
@@ -71,7 +72,8 @@ _ENDPOINT_TYPES = {
     "audio": "Audios",
 }
 # The order in which flags are printed (bit order of Dynamo's ModelType).
-_FLAG_ORDER = ("Chat", "Completions", "Embedding", "TensorBased", "Prefill", "Images")
+_FLAG_ORDER: tuple[str, ...] = ("Chat", "Completions", "Embedding", "TensorBased", "Prefill")
+_FLAG_ORDER += ("Images",)
 _FLAG_ORDER += ("Videos", "Audios")
 
 
@@ -103,7 +105,7 @@ def slugify(name: str) -> str:
 
 
 def parse_endpoint_types(value: str) -> list[str]:
-    """``"chat, completions"`` -> ``["Chat", "Completions"]`` (contract.md section 8.4)."""
+    """``"chat, completions"`` -> ``["Chat", "Completions"]``."""
     flags: list[str] = []
     for raw in value.split(","):
         item = raw.strip().lower()
@@ -136,7 +138,7 @@ def model_type_for(config: WorkerConfig) -> str:
 
 
 def topology(mode: DisaggregationMode, route_to_encoder: bool = False) -> tuple[str, list]:
-    """``(worker_type, needs)`` per contract.md section 11.3 (needs is a DNF list)."""
+    """``(worker_type, needs)`` per role (docs/contract.md#disaggregated-roles); DNF ``needs``."""
     if mode is DisaggregationMode.PREFILL:
         return "prefill", [["decode", "encode"]] if route_to_encoder else [["decode"]]
     if mode is DisaggregationMode.DECODE:

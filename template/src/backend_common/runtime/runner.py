@@ -6,10 +6,11 @@
     run(MyEngine)
 
 Order: logging from ``DYN_LOG`` -> ``EngineCls.from_args(argv)`` (sync or
-async; or ``engine_factory``) -> logging again if ``config.log_filter`` differs
--> ``Worker(engine, config).run()`` on uvloop when installed -> ``sys.exit``
-with the worker's exit code (0 after a graceful shutdown, 1 when start-up
-failed, 2 for bad arguments). Errors are printed as
+async; or ``engine_factory``) -> logging again if ``config.log_filter`` or
+``config.logging_jsonl`` differ -> ``Worker(engine, config).run()`` on uvloop when
+installed -> ``sys.exit`` with the worker's exit code (0 after a graceful shutdown, 1
+when start-up failed, 2 for bad arguments, 124 when shutdown passed its overall
+deadline). Errors are printed as
 typed errors on stderr. This is the only module that imports the worker.
 """
 
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
-from ..args import log_filter_from_env
+from ..args import log_filter_from_env, logging_jsonl_from_env
 from ..config import WorkerConfig
 from ..engine import LLMEngine
 from ..errors import from_exception
@@ -59,8 +60,11 @@ async def _main(
         err = from_exception(exc)
         print(f"error: from_args failed: {err}", file=sys.stderr)
         return 2
-    if config.log_filter != log_filter_from_env():
-        configure_logging(config.log_filter)
+    if (config.log_filter, config.logging_jsonl) != (
+        log_filter_from_env(),
+        logging_jsonl_from_env(),
+    ):
+        configure_logging(config.log_filter, jsonl=config.logging_jsonl)
     return await serve(engine, config)
 
 
@@ -78,6 +82,6 @@ def run(
     *,
     engine_factory: EngineFactory | None = None,
 ) -> NoReturn:
-    configure_logging(log_filter_from_env())
+    configure_logging(log_filter_from_env(), jsonl=logging_jsonl_from_env())
     code = _asyncio_run(_main(engine_cls, argv, engine_factory))
     sys.exit(code)

@@ -22,7 +22,8 @@ or opens child spans with ``start_span(name, **attrs)``; both are no-ops while t
 off.
 
 Export: the first tracer built installs an SDK ``TracerProvider`` exporting over OTLP
-(``opentelemetry-exporter-otlp``, standard ``OTEL_EXPORTER_OTLP_*`` variables) unless the
+(``spans.configure_export``: OTLP/HTTP by default, ``WorkerConfig.otel_exporter_protocol``;
+standard ``OTEL_EXPORTER_OTLP_*`` variables) unless the
 application set a provider itself; ``set_tracer_provider(provider)`` overrides it (tests
 use an in-memory exporter).
 """
@@ -78,21 +79,30 @@ class GenerateTracer:
     """Builds the ``engine.generate`` span of each request (see the module docstring)."""
 
     def __init__(
-        self, mode: DisaggregationMode, model: str, service_name: str = INSTRUMENTATION
+        self,
+        mode: DisaggregationMode,
+        model: str,
+        service_name: str = INSTRUMENTATION,
+        protocol: str = "http/protobuf",
     ) -> None:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        configure_export(service_name)
+        configure_export(service_name, protocol)
         self.role = mode.value
         self.model = model
         self._propagator = TraceContextTextMapPropagator()
 
     @classmethod
     def create(
-        cls, on: bool, mode: DisaggregationMode, model: str, service_name: str = INSTRUMENTATION
+        cls,
+        on: bool,
+        mode: DisaggregationMode,
+        model: str,
+        service_name: str = INSTRUMENTATION,
+        protocol: str = "http/protobuf",
     ) -> GenerateTracer | None:
         """A tracer when ``on`` and OpenTelemetry is installed, else None (tracing off)."""
-        return cls(mode, model, service_name) if on and available() else None
+        return cls(mode, model, service_name, protocol) if on and available() else None
 
     async def wrap(
         self,

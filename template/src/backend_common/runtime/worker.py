@@ -38,16 +38,31 @@ shutdown (SIGTERM/SIGINT, first signal)
 
 ``cleanup()`` runs exactly once if ``start()`` was called, also when it raised
 or when registration failed; never when the process stopped before ``start``.
+A signal during ``start()`` is handled once it returns: no registration, cleanup.
 A second signal during shutdown skips the remaining waits.
+
+Overall deadline: from the first signal, grace + drain + cleanup budgets
+(``DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS`` 5, ``DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT`` 30,
+``DYN_WORKER_SHUTDOWN_CLEANUP_TIMEOUT_SECS`` = the drain timeout) plus the fixed steps above
+(``FIXED_SHUTDOWN_STEPS_S``). When it passes (a ``cleanup()`` stuck in an NCCL teardown,
+say), a timer thread logs what shutdown was waiting for and exits with
+``SHUTDOWN_DEADLINE_EXIT_CODE`` (124), whatever the event loop is doing.
+
+Engine code that calls ``loop.add_signal_handler(SIGTERM|SIGINT, ...)`` is ignored with a
+warning while the worker runs (as in Dynamo 1.6.1); handlers installed with
+``signal.signal`` during ``start()`` are replaced by the worker's when it returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -67,6 +82,8 @@ from ..kv_events import EventPlane
 from ..transport.plane import RequestPlane, request_plane_for
 from ..types import FinishReason, PreprocessedRequest
 from .adapter import EngineAdapter
+from .canary import IdleCanary
+from .engine_metrics import scrape_registry
 from .health import resolve_health_check_payload
 from .kv_routing import setup_kv_routing
 from .metrics import WorkerMetrics
@@ -88,6 +105,40 @@ QUIET_S = 0.05
 QUIET_MAX_WAIT_S = 2.0
 # After the shutdown deadline: how long streams (and late arrivals) get to end after cancellation.
 CANCEL_FLUSH_S = 5.0
+# Exit code when the overall shutdown deadline passes. Dynamo 1.6.1 calls exit(911), which the
+# OS truncates to 143 (911 % 256): the code of a process killed by SIGTERM. 124 ("timed out",
+# as coreutils' timeout) cannot be mistaken for that, nor for 1 (start-up failed) or 2 (args).
+SHUTDOWN_DEADLINE_EXIT_CODE = 124
+# Fixed waits of this worker's shutdown outside the configured budgets (QUIET_MAX_WAIT_S and
+# CANCEL_FLUSH_S); part of the overall deadline so that they can never trigger it alone.
+FIXED_SHUTDOWN_STEPS_S = QUIET_MAX_WAIT_S + CANCEL_FLUSH_S
+
+
+def _guard_loop_signal_handlers(loop: asyncio.AbstractEventLoop) -> bool:
+    """Keep SIGTERM/SIGINT with the worker while it runs, as Dynamo 1.6.1's worker does.
+
+    Engine code that calls ``loop.add_signal_handler(SIGTERM|SIGINT, ...)`` (some engines
+    do in ``start()``) would silently replace the worker's graceful shutdown; such calls are
+    ignored with a warning. Other signals pass through. False if the loop cannot be wrapped.
+    """
+    original = loop.add_signal_handler
+    owned = frozenset({signal.SIGINT, signal.SIGTERM})
+
+    def add_signal_handler(sig: int, callback: Any, *args: Any) -> None:
+        if sig in owned:
+            log.warning(
+                "Suppressed engine loop.add_signal_handler(%s); the worker owns graceful "
+                "shutdown (do teardown in cleanup())",
+                signal.Signals(sig).name,
+            )
+            return None
+        return original(sig, callback, *args)
+
+    try:
+        loop.add_signal_handler = add_signal_handler  # type: ignore[method-assign,assignment]
+    except AttributeError:
+        return False
+    return True
 
 
 class State(enum.Enum):
@@ -124,12 +175,17 @@ class Worker:
         self._card: dict[str, Any] | None = None
         self._health_payload: dict[str, Any] | None = None
         self._events: EventPlane | None = None
+        # What shutdown is waiting for right now (logged if the deadline passes).
+        self._stage = "startup"
+        self._deadline_timer: threading.Timer | None = None
+        self._idle_canary: IdleCanary | None = None
 
     # -- public --------------------------------------------------------------------
     def request_shutdown(self) -> None:
         self._signals += 1
         if self._signals == 1:
             log.info("shutdown requested; running graceful shutdown")
+            self._arm_deadline()
         else:
             log.warning("second shutdown signal: skipping the remaining waits")
         self._shutdown.set()
@@ -137,21 +193,68 @@ class Worker:
     async def run(self) -> int:
         """Run until shut down; return the process exit code."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, self.request_shutdown)
-            except (NotImplementedError, RuntimeError):  # not the main thread
-                pass
+        self._install_signal_handlers(loop)
+        guarded = _guard_loop_signal_handlers(loop)
         try:
             return await self._run()
         finally:
+            if self._idle_canary is not None:
+                await self._idle_canary.close()
             await self._cleanup_once()
+            self._stage = "closing transports"
             await self._close_transports()
+            if guarded:
+                with contextlib.suppress(AttributeError):
+                    del loop.add_signal_handler  # the loop's own method again
             for sig in (signal.SIGTERM, signal.SIGINT):
                 try:
                     loop.remove_signal_handler(sig)
                 except (NotImplementedError, RuntimeError):
                     pass
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        add = type(loop).add_signal_handler  # the loop's method, past any guard
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                add(loop, sig, self.request_shutdown)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+
+    # -- shutdown deadline -----------------------------------------------------------------
+    def shutdown_deadline(self) -> float:
+        """Seconds from the first signal to a forced exit: grace + drain + cleanup budgets
+        plus this worker's fixed shutdown steps (see ``FIXED_SHUTDOWN_STEPS_S``)."""
+        cfg = self.config
+        drain = cfg.graceful_shutdown_timeout
+        cleanup = cfg.graceful_shutdown_cleanup_timeout
+        if cleanup is None:
+            cleanup = drain
+        grace = max(cfg.graceful_shutdown_grace_period, WITHDRAW_GAP_S)
+        return grace + drain + cleanup + FIXED_SHUTDOWN_STEPS_S
+
+    def _arm_deadline(self) -> None:
+        deadline = self.shutdown_deadline()
+        log.debug("graceful shutdown started; deadline %.1fs", deadline)
+        timer = threading.Timer(deadline, self._deadline_passed, args=(deadline,))
+        timer.daemon = True
+        timer.start()
+        self._deadline_timer = timer
+
+    def _deadline_passed(self, deadline: float) -> None:
+        """Runs on the timer thread, so that an event loop blocked in engine code cannot
+        hold the process: log what shutdown was waiting for, then exit at once."""
+        message = (
+            f"Graceful shutdown exceeded {deadline:.1f}s while waiting for {self._stage}; "
+            f"force-exiting with code {SHUTDOWN_DEADLINE_EXIT_CODE}"
+        )
+        log.error(message)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(SHUTDOWN_DEADLINE_EXIT_CODE)
 
     # -- startup ---------------------------------------------------------------------
     async def _run(self) -> int:
@@ -167,6 +270,7 @@ class Worker:
             return 0
 
         started = time.monotonic()
+        self._stage = "engine.start()"
         try:
             self.engine_config = await self.engine.start(self.instance_id)
             self.state = State.RUNNING
@@ -174,6 +278,13 @@ class Worker:
             self.state = State.START_FAILED
             return self._fatal("engine.start", exc)
         load_time = time.monotonic() - started
+        # An engine may have replaced the worker's handlers with signal.signal: take them back.
+        self._install_signal_handlers(asyncio.get_running_loop())
+        if self._shutdown.is_set():
+            # Never register a worker that is already leaving; cleanup runs once in run().
+            log.info("Shutdown signal observed during engine.start(); not registering")
+            return 0
+        self._stage = "startup"
         if not self.engine_config.model:
             return self._fatal("engine.start", ValueError("EngineConfig.model is empty"))
         log.info("engine started in %.2fs", load_time)
@@ -195,6 +306,15 @@ class Worker:
             cfg.endpoint,
             self.instance_id,
         )
+        if cfg.health_check_enabled and self._health_payload is not None:
+            self._idle_canary = IdleCanary(
+                self._run_canary,
+                lambda: self._last_admit,
+                wait_s=cfg.canary_wait_time,
+                timeout_s=cfg.health_check_request_timeout,
+            )
+            self._idle_canary.start()
+        self._stage = "a shutdown signal"
         await self._shutdown.wait()
         await self._graceful_shutdown()
         return 0
@@ -215,7 +335,7 @@ class Worker:
         return 1
 
     async def _setup_observability(self, load_time: float) -> None:
-        """The worker's metrics (with the engine's on the same registry) and the canary."""
+        """Metrics (the engine's on the same registry), KV routing hooks, the canary payload."""
         cfg, ec = self.config, self.engine_config
         assert ec is not None
         self.metrics = WorkerMetrics(
@@ -224,6 +344,8 @@ class Worker:
             endpoint=cfg.endpoint,
             model=ec.model,
             model_name=self._public_name(),
+            worker_id=self.instance_id,
+            extra_labels=cfg.metrics_labels,
         )
         self.metrics.set_model_load_time(load_time)
         await self.engine.setup_metrics(self.metrics.registry)
@@ -231,10 +353,8 @@ class Worker:
             self._events = await setup_kv_routing(
                 self.engine, cfg, ec, self.instance_id, self.metrics.registry, self.metrics.labels
             )
-        self._health_payload = (
-            None
-            if cfg.health_check_disabled
-            else await resolve_health_check_payload(cfg.health_check_payload, self.engine)
+        self._health_payload = await resolve_health_check_payload(
+            cfg.health_check_payload, self.engine
         )
 
     def _build_adapter(self) -> EngineAdapter:
@@ -248,7 +368,11 @@ class Worker:
             validate=cfg.debug_validate,
             stream_timeout=cfg.engine_stream_timeout,
             tracer=GenerateTracer.create(
-                cfg.tracing, cfg.disaggregation_mode, ec.model, cfg.otel_service_name
+                cfg.tracing,
+                cfg.disaggregation_mode,
+                ec.model,
+                cfg.otel_service_name,
+                cfg.otel_exporter_protocol,
             ),
         )
 
@@ -263,7 +387,15 @@ class Worker:
             self._status = StatusServer(
                 cfg.system_host,
                 cfg.system_port,
-                registry=self.metrics.registry if self.metrics else None,
+                registry=(
+                    scrape_registry(
+                        self.metrics.registry,
+                        self.metrics.labels,
+                        multiproc_dir=cfg.prometheus_multiproc_dir,
+                    )
+                    if self.metrics
+                    else None
+                ),
                 health=self._health,
             )
             await self._status.start()
@@ -340,10 +472,18 @@ class Worker:
             return False, {"status": "notready", "state": self.state.value}
         if self._health_payload is None:
             return True, {"status": "healthy", "canary": "disabled"}
-        ok, detail = await self._run_canary()
+        if self._idle_canary is not None:
+            # The canary runs by itself on an idle worker; report its latest result.
+            last = self._idle_canary.last
+            if last is None:
+                return True, {"status": "healthy", "canary": "not run yet"}
+            age = time.monotonic() - last.at
+            body = {"canary": last.detail, "canary_age_s": round(age, 3)}
+            return last.ok, {"status": "healthy" if last.ok else "unhealthy", **body}
+        ok, detail = await self._run_canary(self.config.health_check_request_timeout)
         return ok, {"status": "healthy" if ok else "unhealthy", "canary": detail}
 
-    async def _run_canary(self) -> tuple[bool, str]:
+    async def _run_canary(self, timeout: float) -> tuple[bool, str]:  # noqa: ASYNC109
         from ..context import GenerateContext
 
         try:
@@ -362,13 +502,15 @@ class Worker:
                         return True, "ok"
                 return False, "stream ended without a terminal"
             finally:
-                await stream.aclose()
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
 
         try:
-            return await asyncio.wait_for(one(), 10.0)
+            return await asyncio.wait_for(one(), timeout)
         except TimeoutError:
             ctx.stop_generating()
-            return False, "timed out after 10s"
+            return False, f"timed out after {timeout:g}s"
         except Exception as exc:  # noqa: BLE001
             return False, str(from_exception(exc))
 
@@ -398,14 +540,20 @@ class Worker:
         grace = self.config.graceful_shutdown_grace_period
         assert self._discovery is not None
         self._draining = True
+        if self._idle_canary is not None:
+            await self._idle_canary.close()
+        self._stage = "discovery withdrawal"
         await self._withdraw(self._discovery, models_only=True)
         log.info("Model withdrawn from discovery; serving requests that raced it for %.2fs", grace)
+        self._stage = "the grace period"
         await self._sleep_unless_forced(max(grace, WITHDRAW_GAP_S))
         await self._wait_quiet()
+        self._stage = "discovery withdrawal"
         await self._withdraw(self._discovery, models_only=False)
         log.info("Endpoint unregistered from discovery")
 
         drain_started = time.monotonic()
+        self._stage = "engine.drain()"
         try:
             await asyncio.wait_for(self.engine.drain(), max(timeout, 0.1))
         except Exception:  # noqa: BLE001
@@ -417,6 +565,7 @@ class Worker:
             )
             deadline = time.monotonic() + timeout
             while adapter.active and not self._shutdown_forced():
+                self._stage = f"{len(adapter.active)} in-flight stream(s)"
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -461,6 +610,7 @@ class Worker:
             return
         self.state = State.STOPPED
         self.cleanup_calls += 1
+        self._stage = "engine.cleanup()"
         started = time.monotonic()
         try:
             await self.engine.cleanup()

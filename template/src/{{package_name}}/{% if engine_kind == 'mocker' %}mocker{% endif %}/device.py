@@ -117,13 +117,13 @@ class DeviceWorkload:
         self._final_peak = 0
         self._one_thread: set[int] = set()  # threads whose torch runs on one intra-op thread
         self.device = self._resolve(device)
+        torch: Any = self._torch  # set by _resolve (None for "none")
         if self.device == "cpu":
-            self._torch.set_num_threads(1)
+            torch.set_num_threads(1)
             if (device or "").strip().lower().startswith("cuda"):  # the fallback
                 self.hidden_size = hidden_size = min(hidden_size, CPU_FALLBACK_HIDDEN)
                 self.max_rows = max_rows = min(max_rows, CPU_FALLBACK_ROWS)
         if self.device != "none":
-            torch = self._torch
             gen = torch.Generator(device="cpu").manual_seed(seed)
             x = torch.randn(max_rows, hidden_size, generator=gen)
             w = torch.randn(hidden_size, hidden_size, generator=gen) / math.sqrt(hidden_size)

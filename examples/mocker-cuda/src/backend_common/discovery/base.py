@@ -1,4 +1,5 @@
-"""The discovery interface and the records a worker publishes through it (wire.md section 2).
+"""The discovery interface and the records a worker publishes through it
+(docs/wire-protocol.md#discovery).
 
 A worker tells the Dynamo frontend that it exists by writing two JSON records
 under keys the frontend watches:
@@ -138,7 +139,7 @@ def endpoint_record(
     device_type: str | None = None,
     codec: str = "json",
 ) -> dict:
-    """The ``DiscoveryInstance::Endpoint`` JSON (wire.md section 2.5)."""
+    """The ``DiscoveryInstance::Endpoint`` JSON (docs/wire-protocol.md#endpoint-record)."""
     _check_names(ns, comp, ep)
     if codec not in ("json", "msgpack"):
         raise invalid_arg(f"request plane codec must be 'json' or 'msgpack', got {codec!r}")
@@ -164,7 +165,10 @@ def model_record(
     card: dict,
     model_suffix: str | None = None,
 ) -> dict:
-    """The ``DiscoveryInstance::Model`` JSON (wire.md section 2.6); ``card`` is ``card_json``."""
+    """The ``DiscoveryInstance::Model`` JSON; ``card`` is ``card_json``.
+
+    See docs/wire-protocol.md#model-record-and-model-card.
+    """
     _check_names(ns, comp, ep)
     record: dict[str, Any] = {
         "type": "Model",

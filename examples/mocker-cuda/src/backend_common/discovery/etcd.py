@@ -1,4 +1,4 @@
-"""etcd discovery on ``aetcd`` (wire.md sections 2.1-2.3).
+"""etcd discovery on ``aetcd`` (docs/wire-protocol.md#keys-and-leases).
 
 One lease per process; its id is the instance id. Every key is created with a
 transaction ``VERSION(key) == 0 -> PUT(key, value, lease)``, so two workers can
@@ -170,6 +170,8 @@ class TlsClient(aetcd.Client):
     ``grpc.aio.secure_channel`` (re-exported by ``aetcd.rpc``) with ``credentials``.
     Every other method of the client is inherited unchanged.
     """
+
+    _is_connecting: bool  # set by aetcd.Client
 
     def __init__(self, *, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
         super().__init__(**kwargs)

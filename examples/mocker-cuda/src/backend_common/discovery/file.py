@@ -1,4 +1,4 @@
-"""File discovery: the layout Dynamo's file KV store uses (wire.md section 2.8).
+"""File discovery: the layout Dynamo's file KV store uses (docs/wire-protocol.md#file-discovery).
 
 Selected with ``DYN_DISCOVERY_BACKEND=file`` on the frontend and every worker; they
 must share a filesystem. Root: ``DYN_FILE_KV`` (default ``$TMPDIR/dynamo_store_kv``).

@@ -1,4 +1,5 @@
-"""Framework metrics of a worker (contract.md section 9, wire.md section 6.3).
+"""Framework metrics of a worker (docs/wire-protocol.md#metrics,
+docs/contract.md#metrics).
 
 One ``WorkerMetrics`` per worker, built after ``engine.start()`` returns. It owns
 a ``prometheus_client.CollectorRegistry`` (``registry``), which is also handed to
@@ -6,7 +7,8 @@ a ``prometheus_client.CollectorRegistry`` (``registry``), which is also handed t
 ``/metrics`` page of the status server.
 
 Series (all with the labels ``dynamo_namespace``, ``dynamo_component``,
-``dynamo_endpoint``, ``model``, ``model_name`` plus ``WorkerConfig.metrics_labels``;
+``dynamo_endpoint``, ``model``, ``model_name``, ``worker_id`` (hex) plus
+``WorkerConfig.metrics_labels``;
 labels whose value is empty are left out, as Dynamo does):
 
 * lifecycle gauges, present from construction (0 until set, each set once):
@@ -55,6 +57,7 @@ class WorkerMetrics:
         endpoint: str,
         model: str,
         model_name: str | None = None,
+        worker_id: int | None = None,
         extra_labels: Iterable[tuple[str, str]] = (),
         registry: CollectorRegistry | None = None,
     ) -> None:
@@ -65,6 +68,8 @@ class WorkerMetrics:
             ("dynamo_endpoint", endpoint),
             ("model", model),
             ("model_name", model_name or model),
+            # The discovery instance id in hex, as Dynamo labels its workers' series.
+            ("worker_id", f"{worker_id:x}" if worker_id is not None else ""),
             *extra_labels,
         ]
         labels: dict[str, str] = {}

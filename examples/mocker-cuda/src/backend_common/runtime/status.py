@@ -1,13 +1,16 @@
-"""The worker's system status server (wire.md section 6.1), on aiohttp.
+"""The worker's system status server (docs/wire-protocol.md#status-server), on aiohttp.
 
-Started by the worker only when ``DYN_SYSTEM_PORT`` is set. Routes:
+Started by the worker only when ``DYN_SYSTEM_PORT`` is set to a port (-1, 1.6.1's default,
+means no status server). Routes:
 
 * ``GET /health``: calls the ``health`` callback -> ``(ok, details)``; 200 with
   ``{"status": "healthy", **details}`` or 503 with ``{"status": "unhealthy", **details}``.
   A callback that raises or takes longer than ``health_timeout`` counts as unhealthy.
   Without a callback the server is healthy while it runs.
 * ``GET /live``: 200 while the process runs.
-* ``GET /metrics``: Prometheus text of ``registry``.
+* ``GET /metrics``: Prometheus text of ``registry`` (the worker passes
+  ``engine_metrics.scrape_registry``: its own metrics plus the engine's global-registry and
+  multiprocess ones).
 * ``GET /v1/metadata/.../{filename}``: the model card's artifact files, which the
   frontend downloads through the ``http://`` paths in the card. Only the exact
   ``{files_prefix}/{name}`` URLs of files given via ``set_files`` (or the

@@ -1,4 +1,7 @@
-"""Byte-level framing of the Dynamo 1.6.x request and response planes (wire.md §3, §4).
+"""Byte-level framing of the Dynamo 1.6.x request and response planes.
+
+The formats: docs/wire-protocol.md#tcp-request-plane, docs/wire-protocol.md#request-body,
+docs/wire-protocol.md#response-stream-call-home.
 
 Pure functions and ``asyncio.StreamReader`` readers, no sockets of their own:
 
@@ -84,7 +87,7 @@ _ZERO8 = bytes(8)
 _JSON_SEPARATORS = (",", ":")
 
 # ---------------------------------------------------------------------------------------------
-# Request frame and ACK (§3.2, §3.3)
+# Request frame and ACK (docs/wire-protocol.md#request-frame, docs/wire-protocol.md#ack)
 
 
 def encode_request_frame(path: str, headers: dict[str, str], body: bytes) -> bytes:
@@ -164,7 +167,7 @@ async def read_ack(reader: asyncio.StreamReader) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# TwoPart (§3.4)
+# TwoPart (docs/wire-protocol.md#twopart-message)
 
 
 def encode_two_part(header: bytes, body: bytes) -> bytes:
@@ -212,7 +215,7 @@ async def read_two_part(
 
 
 # ---------------------------------------------------------------------------------------------
-# Control message (§3.4 header)
+# Control message (docs/wire-protocol.md#control-header)
 
 
 @dataclass
@@ -351,7 +354,7 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Payload codecs (§3.5)
+# Payload codecs (docs/wire-protocol.md#payload-codecs)
 
 
 def _finite(obj: Any) -> Any:
@@ -420,7 +423,7 @@ def decode_payload(body: bytes, codec: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Call-home frames, worker → frontend (§4.1)
+# Call-home frames, worker → frontend (docs/wire-protocol.md#frame-sequence)
 
 
 def _header_frame(obj: Any) -> bytes:

@@ -8,7 +8,7 @@ Used by the e2e tests, ``make run``/``make demo`` and the benchmark. Contract:
 * ``Frontend(...)`` owns one frontend process. ``start()`` launches it on a free
   127.0.0.1 port and returns once ``/health`` or ``/v1/models`` answers 200 (bounded by
   ``start_timeout``); ``stop()`` ends it (SIGTERM, then SIGKILL) and is idempotent. It is a
-  context manager. Every socket stays on 127.0.0.1 (real-dynamo.md §5); ``HOME`` and
+  context manager. Every socket stays on 127.0.0.1; ``HOME`` and
   ``HF_HOME`` point into ``workdir`` so the frontend's card cache never touches the real
   home directory; the Hugging Face Hub is offline.
 * ``worker_env(...)`` gives the variables a worker (ours or Dynamo's) needs to join the same
@@ -101,7 +101,7 @@ def hermetic_env(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def _loopback_vars() -> dict[str, str]:
     # Without the *_HOST variables the TCP request plane picks host "auto", which may be a
-    # non-loopback address (real-dynamo.md §5).
+    # non-loopback address.
     return {
         "DYN_HTTP_HOST": LOOPBACK,
         "DYN_TCP_RPC_HOST": LOOPBACK,
@@ -124,7 +124,10 @@ def _stack_vars(
         raise ValueError(f"discovery_backend must be 'file' or 'etcd', not {discovery_backend!r}")
     if request_plane not in ("tcp", "nats"):
         raise ValueError(f"request_plane must be 'tcp' or 'nats', not {request_plane!r}")
-    env = {"DYN_DISCOVERY_BACKEND": discovery_backend, "DYN_REQUEST_PLANE": request_plane}
+    env: dict[str, str] = {
+        "DYN_DISCOVERY_BACKEND": discovery_backend,
+        "DYN_REQUEST_PLANE": request_plane,
+    }
     if discovery_backend == "file":
         if file_kv is None:
             raise ValueError("file discovery needs file_kv (a directory shared by all processes)")
@@ -189,8 +192,9 @@ class Frontend:
     ``workdir`` holds the log (``frontend.log``), the scratch ``home/`` and ``hf/``
     directories and, for file discovery without an explicit ``file_kv``, ``filekv/``.
     ``router_mode`` None keeps the frontend default (round-robin); ``event_plane`` None
-    keeps its default (zmq). Workers of a zmq stack must run with KV events disabled
-    (``--disable-kv-routing``) or ``--event-plane nats``: ZMQ publishers bind 0.0.0.0.
+    keeps its default (zmq). Dynamo's own workers of a zmq stack must run with KV events
+    disabled (``--disable-kv-routing``) or ``--event-plane nats``: their ZMQ publishers bind
+    0.0.0.0. backend_common workers bind theirs on ``DYN_EVENT_PLANE_HOST`` (127.0.0.1 here).
     """
 
     def __init__(

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 __all__ = [
     "EtcdServer",
@@ -108,6 +109,7 @@ class ManagedProcess:
     def start(self) -> ManagedProcess:
         if self.running:
             raise ServiceError(f"already running: pid {self.pid}")
+        out: IO[bytes] | int
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -123,7 +125,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
             )
         finally:
-            if out is not subprocess.DEVNULL:
+            if not isinstance(out, int):
                 out.close()
         return self
 

@@ -16,13 +16,18 @@ Invariants:
 
 * The prologue waits for the engine's first item, so an ``InvalidArgument``
   raised before any output becomes a typed error prologue (HTTP 400 at the
-  frontend, worker stays in rotation). Any other failure is an error item in
-  the stream (an untyped prologue would make the frontend sideline the worker).
+  frontend, worker stays in rotation). Any other failure, and any failure after
+  the first item, is an error item in the stream carrying the serialized
+  ``DynamoError`` (``DynamoError.to_wire``): the frontend takes from it the HTTP
+  status / SSE error code, whether to retry on another worker and whether to take
+  this one out of rotation (docs/wire-protocol.md#how-the-frontend-reacts). An
+  untyped prologue would sideline the worker.
 * Exactly one terminal reaches the frontend; items after it are dropped and the
   engine's generator is closed. A stream that ends without a terminal gets a
   ``StreamIncomplete`` error item.
 * ``abort(ctx)`` runs at most once per request, only when the request was
-  cancelled (frontend ``stop``/``kill``, or shutdown), never on a natural end.
+  cancelled (frontend ``stop``/``kill``, the frontend closing the response stream
+  before the terminal, or shutdown), never on a natural end.
 * Every accepted request is tracked in ``active`` until its stream is done, on
   every path; ``wait_idle`` lets shutdown wait for in-flight streams.
 * Nothing a client or the network sends can raise out of ``handle``.
@@ -44,6 +49,7 @@ from ..errors import (
     from_exception,
     response_timeout,
     stream_incomplete,
+    unknown,
 )
 from ..transport.callhome import CallHome
 from ..transport.codec import WireError
@@ -180,8 +186,8 @@ class EngineAdapter:
             loop = asyncio.get_running_loop()
             if self.mode is DisaggregationMode.DECODE and not entry.ctx.first_token_seen:
                 # A decode worker aborts only once its first token exists: an earlier abort
-                # could strand the prefill peer's KV transfer (contract 11.5). A stream that
-                # ends before its first token is never aborted.
+                # could strand the prefill peer's KV transfer (docs/contract.md#cancellation).
+                # A stream that ends before its first token is never aborted.
                 entry.abort_deferred = True
                 log.debug("deferring engine.abort() until first-token observed")
             else:
@@ -251,13 +257,17 @@ class EngineAdapter:
             except DynamoError as err:
                 home.send_prologue(err.message, typed_error=_typed(err))
                 return
-            await self._stream(home, request, ctx)
+            if await self._stream(home, request, ctx):
+                # The frontend closed the response stream before the terminal without a
+                # stop/kill (its client went away): a cancellation, so the engine is told.
+                self._cancel(entry, kill=True)
         finally:
             await home.close()
 
     async def _stream(
         self, home: CallHome, request: PreprocessedRequest, ctx: GenerateContext
-    ) -> None:
+    ) -> bool:
+        """Relay the engine's items; True when the frontend went away before the terminal."""
         prologue_sent = False
         terminal = False
         count = 0
@@ -278,13 +288,14 @@ class EngineAdapter:
                     ctx.notify_first_token()
                 if home.closed:
                     # The frontend is gone (client disconnect): nothing more can be read.
-                    return
+                    return not ctx.is_stopped()
                 try:
                     home.send_item({"data": item.to_dict()})
                 except WireError as exc:
                     # An item the codec cannot encode is the engine's bug, not the client's.
                     log.error("request %s: cannot encode engine item: %s", ctx.id(), exc)
-                    home.send_error_item(f"engine produced an unencodable item: {exc}")
+                    err = unknown(f"engine produced an unencodable item: {exc}")
+                    home.send_error_item(err.message, err.to_wire())
                     terminal = True
                     break
                 if count == 0:
@@ -304,7 +315,7 @@ class EngineAdapter:
             if not prologue_sent:
                 home.send_prologue()
                 prologue_sent = True
-            home.send_error_item(str(exc))
+            home.send_error_item(str(exc), unknown(str(exc)).to_wire())
             terminal = True
         except Exception as exc:  # noqa: BLE001 - engine errors become typed errors
             err = from_exception(exc)
@@ -313,10 +324,10 @@ class EngineAdapter:
             if not prologue_sent:
                 if err.is_invalid_argument:
                     home.send_prologue(err.message, typed_error=_typed(err))
-                    return
+                    return False
                 home.send_prologue()
                 prologue_sent = True
-            home.send_error_item(err.message)
+            home.send_error_item(err.message, err.to_wire())
             terminal = True
         finally:
             if stream is not None:
@@ -327,13 +338,14 @@ class EngineAdapter:
                     except Exception:  # noqa: BLE001
                         log.debug("closing the engine stream raised", exc_info=True)
         if home.closed:
-            return
+            return False  # the engine's stream had ended: nothing to abort
         if not prologue_sent:
             home.send_prologue()
         if not terminal:
             err = stream_incomplete("engine stream ended without a terminal item")
-            home.send_error_item(err.message)
+            home.send_error_item(err.message, err.to_wire())
         await home.finish()
+        return False
 
 
 def _typed(err: DynamoError) -> dict[str, str]:

@@ -5,14 +5,22 @@ sets one logger (``backend_common=debug``). Levels: error, warn, info, debug,
 trace (= debug). Default ``info``. ``run`` calls ``configure_logging`` with
 ``DYN_LOG`` before ``from_args``, and again if the ``WorkerConfig`` it got names
 another filter.
+
+``jsonl`` (``DYN_LOGGING_JSONL``) writes one JSON object per line on stderr, the way a
+Dynamo 1.6.1 worker writes a Python record (through its Rust logger):
+``{"time": "<UTC, microseconds>Z", "level": "INFO", "target": "log", "message": ...,
+"log.file": <path>, "log.line": <n>, "log.target": "<module>.<function>"}``; levels are
+ERROR, WARN, INFO, DEBUG; an exception's traceback follows the message after a newline.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from datetime import UTC, datetime
 
-__all__ = ["configure_logging"]
+__all__ = ["JsonlFormatter", "configure_logging"]
 
 _LEVELS = {
     "error": logging.ERROR,
@@ -29,8 +37,36 @@ def _level(name: str) -> int | None:
     return _LEVELS.get(name.strip().lower())
 
 
-def configure_logging(spec: str = "info") -> None:
-    """Apply the filter ``spec`` (``WorkerConfig.log_filter``; see the module docstring)."""
+_JSONL_LEVELS = {"WARNING": "WARN", "CRITICAL": "ERROR"}
+
+
+class JsonlFormatter(logging.Formatter):
+    """One JSON object per record, with Dynamo 1.6.1's keys (see the module docstring)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[0] is not None:
+            message += "\n" + self.formatException(record.exc_info)
+        if record.funcName == "<module>":
+            module_path = record.module
+        else:
+            module_path = f"{record.module}.{record.funcName}"
+        created = datetime.fromtimestamp(record.created, tz=UTC)
+        entry = {
+            "time": created.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "level": _JSONL_LEVELS.get(record.levelname, record.levelname),
+            "target": "log",
+            "message": message,
+            "log.file": record.pathname,
+            "log.line": record.lineno,
+            "log.target": module_path,
+        }
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(spec: str = "info", *, jsonl: bool = False) -> None:
+    """Apply the filter ``spec`` (``WorkerConfig.log_filter``) and the format (``jsonl``:
+    ``WorkerConfig.logging_jsonl``); see the module docstring."""
     root_level = logging.INFO
     targets: dict[str, int] = {}
     for part in (p.strip() for p in spec.split(",")):
@@ -46,9 +82,12 @@ def configure_logging(spec: str = "info") -> None:
             if lvl is not None:
                 root_level = lvl
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s", "%H:%M:%S")
-    )
+    if jsonl:
+        handler.setFormatter(JsonlFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s", "%H:%M:%S")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(root_level)

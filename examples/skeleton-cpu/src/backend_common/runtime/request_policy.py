@@ -7,7 +7,7 @@ possibly with ``max_tokens`` / ``min_tokens`` clamped, or raises a ``DynamoError
 ``InvalidArgument``, which the adapter sends as a typed error prologue (HTTP 400 at the
 frontend; the worker stays in rotation).
 
-Policy (docs/reliability.md, "Bad requests"):
+Policy (docs/architecture.md#bad-requests):
 
 =============================================  ==================================================
 Input                                          Result

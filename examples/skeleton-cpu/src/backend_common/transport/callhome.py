@@ -1,4 +1,6 @@
-"""The response stream of one request: the TCP call-home to the frontend (wire.md §4).
+"""The response stream of one request: the TCP call-home to the frontend.
+
+The frames: docs/wire-protocol.md#response-stream-call-home.
 
 Lifecycle, driven by the worker's request handler (one ``CallHome`` per request):
 
@@ -161,9 +163,16 @@ class CallHome:
         if not self.closed:
             self._write(item_frame(item, self.codec))
 
-    def send_error_item(self, message: str) -> None:
-        """Mid-stream error item ``{"event": "error", "comment": [message]}``."""
-        self.send_item({"event": "error", "comment": [message]})
+    def send_error_item(self, message: str, error: dict[str, Any] | None = None) -> None:
+        """Mid-stream error item ``{"event": "error", "comment": [message], "error": {...}}``.
+
+        ``error`` is the serialized ``DynamoError`` (``DynamoError.to_wire()``): the category
+        the frontend acts on. ``comment`` carries the same text for readers that only know it.
+        """
+        item: dict[str, Any] = {"event": "error", "comment": [message]}
+        if error is not None:
+            item["error"] = error
+        self.send_item(item)
 
     async def drain(self) -> None:
         """Wait while the transport buffer is over its high-water mark. Never raises on a lost

@@ -1,0 +1,5 @@
+"""skeleton-disagg-cpu: a Dynamo 1.6.x backend on the vendored ``backend_common`` runtime.
+
+Run it with ``python -m skeleton_disagg_cpu --help``; the engine is
+``engine.SkeletonDisaggCpuEngine``.
+"""

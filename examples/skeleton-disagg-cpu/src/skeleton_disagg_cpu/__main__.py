@@ -1,0 +1,5 @@
+from backend_common import run
+
+from .engine import SkeletonDisaggCpuEngine
+
+run(SkeletonDisaggCpuEngine)
