@@ -149,9 +149,8 @@ async def test_repeated_prefixes_stick_to_the_worker_holding_them(make_stack) ->
     served = {p: 0 for p in ports}
     async with aiohttp.ClientSession() as session:
         # Both workers must be routable, or "every repeat reached the holder" would also hold
-        # when everything goes to one worker. Fresh prompts (no shared prefix) land on either
-        # worker; keep sending them until both served one (30 tries: chance of a false
-        # failure 2**-29).
+        # when everything goes to one worker. Fresh prompts (distinct words) have no cached
+        # prefix to steer them; keep sending them until both workers served one (at most 30).
         probes = {p: 0 for p in ports}
         for n in range(30):
             before = {p: requests_total(p) for p in ports}

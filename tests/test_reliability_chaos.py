@@ -20,7 +20,10 @@ the client); ``refused``/``disconnected`` only in frontend-restart windows; all 
 again (the frontend routes to each one's current instance and its request counter moves)
 within lease TTL + 2 s of the recovery action (service restarted, process started, SIGCONT).
 At the end every worker process either serves or exited with a logged reason (we SIGKILLed
-it, or its log has an ERROR line). Figures go to build/reliability/chaos*.json.
+it, or its log has an ERROR line). Like an orchestrator, the test replaces a worker that
+exited by itself (a replacement started while etcd is down exits 1 at once with
+``cannot reach etcd``) and notes it in the figures, which go to
+build/reliability/chaos*.json.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class Worker:
     proc: ManagedProcess
     system_port: int
     killed: bool = False
+    exited: str | None = None  # exited by itself: its exit code and logged reason
 
 
 def current_instance(proc: ManagedProcess) -> int | None:
@@ -163,7 +167,7 @@ class Chaos:
 
     @property
     def live(self) -> list[Worker]:
-        return [w for w in self.workers if not w.killed]
+        return [w for w in self.workers if not w.killed and w.exited is None]
 
     def stop(self) -> None:
         for w in self.workers:
@@ -219,10 +223,23 @@ class Chaos:
         deadline = time.monotonic() + limit
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
+                self.supervise(fault)
                 if await asyncio.to_thread(self.all_serving, counts) and await self.probe(session):
                     fault.serving = time.monotonic()
                     return
                 await asyncio.sleep(0.1)
+
+    def supervise(self, fault: Fault) -> None:
+        """What an orchestrator does: a worker that exited by itself is noted (with the
+        reason it logged) and replaced."""
+        for w in self.live:
+            if w.proc.running:
+                continue
+            log = w.proc.log_path.read_text(errors="replace")
+            reason = next((ln for ln in log.splitlines() if " ERROR " in ln), None)
+            w.exited = f"exited {w.proc.returncode}: {reason}"
+            fault.notes.append(f"a worker {w.exited}; replaced")
+            self.start_worker()
 
     # -- faults ---------------------------------------------------------------------
     async def restart_etcd(self, fault: Fault) -> None:
@@ -346,6 +363,8 @@ async def test_chaos(tmp_path: Path, tiny_model: Path, frontend_python: str) -> 
             log = w.proc.log_path.read_text(errors="replace")
             if w.killed:
                 final_state.append("SIGKILLed by the test")
+            elif w.exited is not None:
+                final_state.append(w.exited)
             elif w.proc.running:
                 final_state.append("serving")
             else:

@@ -162,7 +162,8 @@ async def test_engine_faults_end_typed_and_worker_keeps_serving(make_stack) -> N
         ],
         summary=(
             f"raise: {raised.status} + error {raised.error and raised.error.get('code')}, "
-            f"non-streaming {raised_full.status}; hang: error after {hung.e2e_s:.2f} s; "
+            f"non-streaming {raised_full.status}; hang: error "
+            f"{hung.error and hung.error.get('code')} after {hung.e2e_s:.2f} s; "
             f"after-terminal: {after.finish_reason}; concurrent 200-token stream: "
             f"{good.finish_reason}"
         ),

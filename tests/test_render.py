@@ -244,15 +244,15 @@ def test_mypy_passes_with_the_projects_own_config(rendered, key: str, mypy_cache
 
 
 def worker_shutdown_bound_s(timeout_s: float) -> float:
-    """Longest graceful shutdown of a worker (backend_common.worker): grace period, quiet
-    wait, two discovery withdrawals, engine drain and in-flight streams (each up to the
-    timeout), the cancel flush."""
-    from backend_common.runtime import worker
+    """The worker's overall shutdown deadline with this drain timeout and the other defaults:
+    past it the worker exits on its own (``Worker.shutdown_deadline``)."""
+    from types import SimpleNamespace
 
-    grace_s, withdraw_s = 5.0, 5.0  # DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS default; wait_for
-    return (
-        grace_s + worker.QUIET_MAX_WAIT_S + 2 * withdraw_s + 2 * timeout_s + worker.CANCEL_FLUSH_S
-    )
+    from backend_common import WorkerConfig
+    from backend_common.runtime.worker import Worker
+
+    config = WorkerConfig(graceful_shutdown_timeout=timeout_s)
+    return Worker.shutdown_deadline(SimpleNamespace(config=config))  # type: ignore[arg-type]
 
 
 def seconds(duration: str) -> float:
