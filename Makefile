@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FRONTEND_VENV := .venv-dynamo
 
-.PHONY: install frontend test unit lint format examples check-examples new demo bench soak chaos reliability-doc clean
+.PHONY: install frontend test unit lint format examples check-examples new demo bench bench-publish soak chaos reliability-doc clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,9 +48,12 @@ new: $(VENV)/.installed ## make new DEST=../mybackend [DATA="engine_kind=mocker"
 demo: install ## generate a backend and show it answering a chat request through the real frontend
 	$(PY) -m generator demo
 
-bench: install ## pure-Python runtime vs Dynamo's own workers
+bench: install ## pure-Python runtime vs Dynamo's own workers (writes bench/results/, scratch)
 	$(PY) -m pip install -q -e ".[bench]"
 	DYNAMO_FRONTEND_PYTHON=$(CURDIR)/$(FRONTEND_VENV)/bin/python $(PY) -m bench
+
+bench-publish: $(VENV)/.installed ## commit-ready docs/benchmark.md + README table from RUN=<json>
+	$(PY) -m bench.publish $(RUN)
 
 soak: install ## 10 minutes, 16 streaming clients through the real frontend (make test: 60 s)
 	RELIABILITY_SOAK_S=600 DYNAMO_FRONTEND_PYTHON=$(CURDIR)/$(FRONTEND_VENV)/bin/python \

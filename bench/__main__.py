@@ -3,24 +3,29 @@
 Serves the targets of ``bench.targets`` behind the same frontend (etcd discovery, tcp request
 plane, NATS events, all on 127.0.0.1) and loads them one after the other with
 ``bench.load.run_level``: per round, per concurrency level, each target in turn (only one is
-under load at a time; the others sit idle). The rounds of a level are pooled. It writes
-``bench/results/<timestamp>.json`` + ``latest.json`` and a PNG chart, then prints a table.
-Nothing is asserted about the numbers: the goals are reported as met / not met.
+under load at a time; the others sit idle). The rounds of a level are pooled. Around each
+measured level it reads the worker's CPU time (utime + stime of its process tree) and samples
+its RSS. It writes ``bench/results/<timestamp>.json`` + ``latest.json`` and a PNG chart (the
+scratch output), then prints a table. ``python -m bench.publish`` turns one result into the
+committed docs/benchmark.md and the README's table. Nothing is asserted about the numbers:
+the goals are reported as met / not met.
 
 ``--smoke`` is the quick variant the test suite runs (targets a and c, few requests, ~20 s).
 Exit status: 0 when every target ran with zero failed requests, 1 otherwise, 2 for a setup
 problem (no frontend venv).
 
-Requires the Dynamo frontend venv (``$DYNAMO_FRONTEND_PYTHON`` or ``.venv-dynamo``) and, for
-target b, torch in this interpreter.
+Requires the Dynamo frontend venv (``$DYNAMO_FRONTEND_PYTHON`` or ``.venv-dynamo``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +37,7 @@ from backend_common.devstack.tinymodel import write_tiny_model
 
 from .load import CONNECTION_MODE, PROMPT, LevelResult, run_level
 from .report import check_goals, format_table, ratios, timestamp, write_results
-from .targets import TARGETS, BenchStack, RunningTarget
+from .targets import TARGETS, BenchStack, PeakRss, ProcessStats, RunningTarget
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SETTLE_S = 1.0  # after the model is listed, before reading idle RSS
@@ -41,21 +46,37 @@ SETTLE_S = 1.0  # after the model is listed, before reading idle RSS
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="quick run: targets a,c; few requests")
-    p.add_argument("--targets", help="letters of the targets to run (default abcd; smoke: ac)")
-    p.add_argument("--concurrency", help="comma-separated levels (default 1,16,64; smoke: 1,16)")
-    p.add_argument("--requests", type=int, help="requests per level and round, c > 1 (default 200)")
+    p.add_argument(
+        "--targets",
+        help=f"comma-separated targets (default {','.join(TARGETS)}; smoke: a,c)",
+    )
+    p.add_argument(
+        "--concurrency", help="comma-separated levels (default 1,16,64,256; smoke: 1,16)"
+    )
+    p.add_argument(
+        "--requests",
+        type=int,
+        help="requests per level and round for c > 1, at least 3 per slot (default 200)",
+    )
     p.add_argument("--requests-c1", type=int, help="requests per round at c=1 (default 40)")
     p.add_argument("--rounds", type=int, help="rounds over all levels (default 3; smoke: 1)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     p.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary dir)")
     p.add_argument("--frontend-python", help="python of the Dynamo 1.6.1 frontend venv")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        help="record py-spy profiles (collapsed stacks, <key>.txt) of our workers into this "
+        "directory while they are measured (needs `pip install py-spy`)",
+    )
     args = p.parse_args(argv)
-    args.targets = args.targets or ("ac" if args.smoke else "abcd")
+    keys = args.targets or ("a,c" if args.smoke else ",".join(TARGETS))
+    args.targets = [k.strip() for k in keys.split(",") if k.strip()]
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
-        p.error(f"unknown targets {sorted(unknown)}; choose from {''.join(TARGETS)}")
-    levels = args.concurrency or ("1,16" if args.smoke else "1,16,64")
+        p.error(f"unknown targets {sorted(unknown)}; choose from {','.join(TARGETS)}")
+    levels = args.concurrency or ("1,16" if args.smoke else "1,16,64,256")
     args.levels = [int(x) for x in levels.split(",") if x.strip()]
     if args.rounds is None:
         args.rounds = 1 if args.smoke else 3
@@ -70,8 +91,8 @@ def level_plan(args: argparse.Namespace) -> list[tuple[int, int, int]]:
     """``(concurrency, requests, warmup)`` per level; the warm-up fills every slot once."""
     plan = []
     for c in args.levels:
-        n = args.requests_c1 if c == 1 else args.requests
-        warmup = max(2, c) if args.smoke else max(10, 2 * c)
+        n = args.requests_c1 if c == 1 else max(args.requests, 3 * c)
+        warmup = max(2, c) if args.smoke else max(10, c)
         plan.append((c, n, warmup))
     return plan
 
@@ -85,7 +106,7 @@ def _run(coro: Any) -> Any:
 
 
 def start_targets(
-    stack: BenchStack, keys: str
+    stack: BenchStack, keys: list[str]
 ) -> tuple[dict[str, RunningTarget], dict[str, dict[str, Any]]]:
     """Serve every target (one after the other) and read its idle RSS once it is listed."""
     running: dict[str, RunningTarget] = {}
@@ -111,6 +132,8 @@ def start_targets(
         entry["startup_s"] = round(time.monotonic() - t0, 2)
         entry["model"] = rt.model
         entry["argv"] = rt.proc.argv
+        entry["launch"] = rt.launch.command_line()
+        print(f"  ({key}) launch: {entry['launch']}", flush=True)
         time.sleep(SETTLE_S)
         entry["idle_rss_kib"] = rt.rss_kib()
     return running, entries
@@ -132,6 +155,8 @@ def measure(
     order. The rounds of a level are pooled: throughput = tokens / summed wall time.
     """
     pooled: dict[tuple[str, int], list[LevelResult]] = {}
+    cpu: dict[tuple[str, int], list[dict[str, float]]] = {}
+    peaks: dict[str, int] = {}
     keys = list(running)
     for r in range(rounds):
         order = keys[r % len(keys) :] + keys[: r % len(keys)] if keys else []
@@ -140,17 +165,12 @@ def measure(
                 if not running[key].proc.running:
                     entries[key].setdefault("error", "worker exited during the benchmark")
                     continue
-                level = _run(
-                    run_level(
-                        stack.base_url,
-                        running[key].model,
-                        concurrency=c,
-                        requests=n,
-                        warmup=warmup,
-                        max_tokens=max_tokens,
-                    )
-                )
+                rt = running[key]
+                level, cpu_s, peak = _run(_measured_level(rt, stack, c, n, warmup, max_tokens))
                 pooled.setdefault((key, c), []).append(level)
+                cpu.setdefault((key, c), []).append(cpu_s)
+                if peak is not None:
+                    peaks[key] = max(peaks.get(key, 0), peak)
                 s = level.summary()
                 print(
                     f"  round {r + 1}/{rounds} ({key}) c={c:<3} "
@@ -170,11 +190,121 @@ def measure(
             )
             summary = merged.summary()
             summary["warmup"] = warmup
+            tokens = summary["output_tokens"]
+            wait_s = sum(x["worker_runq_wait"] for x in cpu[(key, c)])
+            summary["worker_runq_wait_s"] = round(wait_s, 3)
+            # Average number of the worker's threads that were ready but had no CPU.
+            summary["worker_runq_wait_per_s"] = wait_s / summary["wall_s"]
+            for role in ("worker", "frontend", "client"):
+                cpu_s = sum(x[role] for x in cpu[(key, c)])
+                summary[f"{role}_cpu_s"] = round(cpu_s, 3)
+                summary[f"{role}_cpu_s_per_1k_tokens"] = cpu_s / tokens * 1000 if tokens else None
             summary["rounds_output_tokens_per_s"] = [
                 lv.summary()["output_tokens_per_s"] for lv in levels
             ]
             entries[key]["levels"].append(summary)
-        entries[key]["loaded_rss_kib"] = running[key].rss_kib()
+        entries[key]["loaded_rss_kib"] = peaks.get(key)
+
+
+async def _measured_level(
+    rt: RunningTarget, stack: BenchStack, c: int, n: int, warmup: int, max_tokens: int
+) -> tuple[LevelResult, dict[str, float], int | None]:
+    """One level; CPU seconds of the worker, the frontend and this client (the load
+    generator) and the worker's run-queue wait over the counted requests; the worker's peak
+    RSS meanwhile."""
+    base_url = stack.base_url
+    if warmup:
+        await run_level(
+            base_url, rt.model, concurrency=c, requests=warmup, warmup=0, max_tokens=max_tokens
+        )
+    assert stack.frontend is not None and stack.frontend.pid is not None
+    frontend = ProcessStats(stack.frontend.pid)
+    roles = ("worker", "frontend", "client", "worker_runq_wait")
+
+    def sample() -> tuple[float, ...]:
+        return (
+            rt.stats.cpu_seconds(),
+            frontend.cpu_seconds(),
+            time.process_time(),
+            rt.stats.runqueue_wait_seconds(),
+        )
+
+    before = sample()
+    with PeakRss(rt.stats) as peak:
+        level = await run_level(
+            base_url, rt.model, concurrency=c, requests=n, warmup=0, max_tokens=max_tokens
+        )
+    after = sample()
+    cpu = {role: b - a for role, a, b in zip(roles, before, after, strict=True)}
+    return level, cpu, peak.peak_kib
+
+
+def start_profilers(running: dict[str, RunningTarget], out: Path) -> list[subprocess.Popen]:
+    """One ``py-spy record --pid`` per worker of ours; stopped (and written) by SIGINT."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for key, rt in running.items():
+        if not rt.target.ours:
+            continue
+        argv = [spy, "record", "--pid", str(rt.proc.pid), "--rate", "250", "--format", "raw"]
+        argv += ["--output", str(out / f"{key}.txt")]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
+def stop_profilers(procs: list[subprocess.Popen]) -> None:
+    import signal
+
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _versions() -> dict[str, str | None]:
+    """Versions of what the numbers depend on (this interpreter; the frontend's separately)."""
+    out: dict[str, str | None] = {}
+    for dist in ("aiohttp", "uvloop", "msgpack", "nats-py", "prometheus-client"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _frontend_versions(frontend_python: str) -> dict[str, str | None]:
+    code = (
+        "import importlib.metadata as m, json; print(json.dumps({d: m.version(d) for d in "
+        "('ai-dynamo', 'ai-dynamo-runtime')}))"
+    )
+    try:
+        proc = subprocess.run(
+            [frontend_python, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        import json
+
+        return json.loads(proc.stdout)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return {"ai-dynamo": None, "ai-dynamo-runtime": None}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,11 +329,19 @@ def main(argv: list[str] | None = None) -> int:
             "connection": CONNECTION_MODE,
             "stack": "etcd discovery, tcp request plane, NATS event plane, 127.0.0.1",
         },
+        "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
         "host": {
+            "machine": platform.machine(),
+            "cpu_model": _cpu_model(),
             "cpus": os.cpu_count(),
+            "memory_gib": round(
+                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1
+            ),
+            "os": platform.platform(),
             "python": platform.python_version(),
             "loadavg_at_start": list(os.getloadavg()),
         },
+        "versions": {**_versions(), **_frontend_versions(frontend_python)},
         "targets": {},
     }
     started = time.monotonic()
@@ -214,9 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: stack in {workdir}; targets {args.targets}; plan {plan}", flush=True)
         with BenchStack(workdir, frontend_python, model_dir) as stack:
             running: dict[str, RunningTarget] = {}
+            profilers: list[subprocess.Popen[bytes]] = []
             try:
                 running, entries = start_targets(stack, args.targets)
                 result["targets"] = entries
+                if args.profile is not None:
+                    profilers = start_profilers(running, args.profile)
                 measure(
                     stack,
                     running,
@@ -226,11 +367,13 @@ def main(argv: list[str] | None = None) -> int:
                     max_tokens=args.max_tokens,
                 )
             finally:
+                stop_profilers(profilers)
                 for rt in running.values():
                     rt.stop()
     result["duration_s"] = round(time.monotonic() - started, 1)
+    result["host"]["loadavg_at_end"] = list(os.getloadavg())
     result["ratios"] = ratios(result["targets"])
-    result["goals"] = check_goals(result["ratios"])
+    result["goals"] = check_goals(result["ratios"], result["targets"])
     paths = write_results(result, args.out)
     print()
     print(format_table(result))

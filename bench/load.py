@@ -12,10 +12,12 @@ Each request is bounded by ``timeout`` seconds, so a level ends within
 it does not end with HTTP 200, ``data: [DONE]``, no error event and exactly ``max_tokens``
 completion tokens in the usage chunk (the tiny model's engines never emit EOS).
 
-Timing (``time.perf_counter``): TTFT = request sent -> first SSE event carrying text; ITL =
-gaps between consecutive text-carrying events (0 when several arrive in one read); wall time
-of a level = first request sent -> last request done. The SSE body is scanned for byte
-markers rather than JSON-decoded per event: the client shares the CPUs with the stack it
+Timing (``time.perf_counter``, read once per SSE event as the client parses it): TTFT =
+request sent -> first SSE event carrying text; ITL = gaps between consecutive text-carrying
+events (near 0 when several arrive in one read, so a server that merges tokens into fewer
+events shows it in ``events_per_request`` and ``tokens_per_event``, not in a smaller ITL);
+wall time of a level = first request sent -> last request done. The SSE body is scanned for
+byte markers rather than JSON-decoded per event: the client shares the CPUs with the stack it
 measures, so it must stay cheap. Only the usage and error events are decoded.
 """
 
@@ -51,6 +53,7 @@ class RequestResult:
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     completion_tokens: int = 0
+    events: int = 0  # SSE events that carried text
     e2e_s: float = 0.0
 
 
@@ -76,6 +79,7 @@ class LevelResult:
         tokens = sum(r.completion_tokens for r in good)
         ttft = [r.ttft_s for r in good if r.ttft_s is not None]
         itl = [gap for r in good for gap in r.itl_s]
+        events = sum(r.events for r in good)
         wall = self.wall_s
         return {
             "concurrency": self.concurrency,
@@ -93,6 +97,8 @@ class LevelResult:
             "itl_ms_p99": _ms(percentile(itl, 99)),
             "e2e_ms_p50": _ms(percentile([r.e2e_s for r in good], 50)),
             "itl_samples": len(itl),
+            "events_per_request": events / len(good) if good else None,
+            "tokens_per_event": tokens / events if events else None,
         }
 
 
@@ -158,8 +164,8 @@ async def _read_events(content: aiohttp.StreamReader, result: RequestResult, t0:
     buf = b""
     last: float | None = None
     done = False
+    clock = time.perf_counter
     async for piece in content.iter_any():
-        now = time.perf_counter()
         buf += piece
         if b"\r" in buf:
             buf = buf.replace(b"\r\n", b"\n")
@@ -175,6 +181,8 @@ async def _read_events(content: aiohttp.StreamReader, result: RequestResult, t0:
                 continue
             at = data.find(_CONTENT)
             if at >= 0 and data[at + len(_CONTENT) : at + len(_CONTENT) + 1] != b'"':
+                now = clock()
+                result.events += 1
                 if last is None:
                     result.ttft_s = now - t0
                 else:

@@ -1,4 +1,4 @@
-"""The stack under test and the four workers measured behind it.
+"""The stack under test and the workers measured behind it.
 
 ``BenchStack(workdir, frontend_python)`` starts etcd and NATS (from the wheels) and ONE real
 Dynamo 1.6.1 frontend (etcd discovery, tcp request plane, NATS event plane), all on
@@ -6,6 +6,18 @@ Dynamo 1.6.1 frontend (etcd discovery, tcp request plane, NATS event plane), all
 manager). Each ``Target`` is then served one after the other behind that frontend:
 ``stack.serve(target)`` starts the worker process, waits until the frontend lists its model
 and returns a ``RunningTarget``; ``RunningTarget.stop()`` ends it (SIGTERM, then SIGKILL).
+
+The targets come in like-for-like pairs, ours against Dynamo's (``PAIRS``):
+
+* ``a`` / ``c``: the same engine semantics on both runtimes (tokens ``1..max_tokens``, one
+  ``asyncio.sleep(0)`` per token, ``max_tokens`` from the request), KV publishing off on both
+  (``--disable-kv-routing``);
+* ``a-kv`` / ``c-kv``: the same, KV publishing on for both: per request one ``stored`` event
+  when it starts and one ``removed`` event when it ends, and 10 Hz load snapshots;
+* ``b`` / ``d``: the rendered mocker example against Dynamo's Rust mocker at the same
+  ``--speedup-ratio`` (100) and the same scheduler defaults (block size 64, 256 sequences,
+  8192-token budget, 16384 blocks), both with prefix caching and KV events on. The example runs
+  with ``--device none`` (Dynamo's mocker does no device work either) and one token per item.
 
 Every target has its own namespace and model name, so a late-leaving worker of one target can
 never receive another target's requests. Dynamo's own workers run with ``--event-plane nats``:
@@ -15,7 +27,10 @@ their ZMQ publishers would otherwise bind 0.0.0.0 (real-dynamo.md §5), and thei
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,12 +44,36 @@ from backend_common.devstack.frontend import (
 )
 from backend_common.devstack.services import EtcdServer, ManagedProcess, NatsServer
 
-__all__ = ["TARGETS", "BenchStack", "RunningTarget", "Target", "vm_rss_kib"]
+__all__ = [
+    "PAIRS",
+    "TARGETS",
+    "BenchStack",
+    "ProcessStats",
+    "RunningTarget",
+    "Target",
+    "vm_rss_kib",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 RUNTIME_SRC = REPO / "template" / "src"
 MOCKER_SRC = REPO / "examples" / "mocker-cuda" / "src"
 READY_TIMEOUT_S = 120.0
+SPEEDUP_RATIO = "100"
+# The scheduler settings both mockers get, spelled out (they are both mockers' defaults) so that
+# the launch lines show them and a change of either default cannot skew the pair.
+MOCKER_SCHEDULER = [
+    "--block-size",
+    "64",
+    "--max-num-seqs",
+    "256",
+    "--max-num-batched-tokens",
+    "8192",
+    "--num-gpu-blocks-override",
+    "16384",
+]
+
+PAIRS: tuple[tuple[str, str], ...] = (("a", "c"), ("a-kv", "c-kv"), ("b", "d"))
+"""(ours, theirs): the comparisons the report makes."""
 
 
 @dataclass(frozen=True)
@@ -45,38 +84,56 @@ class Launch:
     env: dict[str, str]
     model: str
 
+    def command_line(self) -> str:
+        """The launch line to rerun by hand (paths as on this machine)."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        return (env + " " if env else "") + shlex.join(self.argv)
+
 
 @dataclass(frozen=True)
 class Target:
-    key: str  # "a".."d": the letter used in the issue and the report
+    key: str  # the name used in the issue and the report: a, a-kv, b, c, c-kv, d
     name: str
     description: str
     ours: bool  # built on backend_common (a, b) or Dynamo's own worker (c, d)
     launch: Callable[[str, Path], Launch]  # (frontend python, tiny model dir) -> Launch
 
 
-def _ours(module: str, src: Path, namespace: str, model: str, *extra: str) -> Callable:
+def _reference(namespace: str, *extra: str) -> Callable[[str, Path], Launch]:
     def launch(_frontend_python: str, model_dir: Path) -> Launch:
-        argv = [sys.executable, "-m", module, "--model-path", str(model_dir)]
+        model = f"{namespace}-reference"
+        argv = [sys.executable, "-m", "backend_common.reference", "--model-path", str(model_dir)]
         argv += ["--model-name", model, "--namespace", namespace, "--event-plane", "nats"]
-        return Launch([*argv, *extra], {"PYTHONPATH": str(src)}, model)
+        argv += ["--delay", "0", *extra]
+        return Launch(argv, {"PYTHONPATH": str(RUNTIME_SRC)}, model)
 
     return launch
 
 
-def _sample(frontend_python: str, model_dir: Path) -> Launch:
-    # The sample backend loads its tokenizer from --model-name, so the name is the path.
-    model = str(model_dir.absolute())
-    argv = [frontend_python, "-m", "dynamo.common.backend.sample_main", "--model-name", model]
-    argv += ["--namespace", "bench-c", "--delay", "0", "--event-plane", "nats"]
-    return Launch(argv, {}, model)
+def _mocker_example(_frontend_python: str, model_dir: Path) -> Launch:
+    model = "bench-b-mocker-cuda"
+    argv = [sys.executable, "-m", "mocker_cuda", "--model-path", str(model_dir)]
+    argv += ["--model-name", model, "--namespace", "bench-b", "--event-plane", "nats"]
+    argv += ["--speedup-ratio", SPEEDUP_RATIO, *MOCKER_SCHEDULER, "--device", "none"]
+    return Launch(argv, {"PYTHONPATH": str(MOCKER_SRC)}, model)
+
+
+def _sample(namespace: str, *extra: str) -> Callable[[str, Path], Launch]:
+    def launch(frontend_python: str, model_dir: Path) -> Launch:
+        # The sample backend loads its tokenizer from --model-name, so the name is the path.
+        model = str(model_dir.absolute())
+        argv = [frontend_python, "-m", "dynamo.common.backend.sample_main", "--model-name", model]
+        argv += ["--namespace", namespace, "--delay", "0", "--event-plane", "nats", *extra]
+        return Launch(argv, {}, model)
+
+    return launch
 
 
 def _dynamo_mocker(frontend_python: str, model_dir: Path) -> Launch:
     model = "bench-d-dynamo-mocker"
     argv = [frontend_python, "-m", "dynamo.mocker", "--model-path", str(model_dir)]
     argv += ["--model-name", model, "--endpoint", "dyn://bench-d.backend.generate"]
-    argv += ["--speedup-ratio", "100", "--event-plane", "nats"]
+    argv += ["--speedup-ratio", SPEEDUP_RATIO, *MOCKER_SCHEDULER, "--event-plane", "nats"]
     return Launch(argv, {}, model)
 
 
@@ -86,42 +143,42 @@ TARGETS: dict[str, Target] = {
         Target(
             "a",
             "backend_common reference",
-            "backend_common + ReferenceEngine, --delay 0",
+            "backend_common.reference --delay 0 (sleep(0) per token), KV publishing off",
             True,
-            _ours(
-                "backend_common.reference",
-                RUNTIME_SRC,
-                "bench-a",
-                "bench-a-reference",
-                "--delay",
-                "0",
-            ),
-        ),
-        Target(
-            "b",
-            "mocker-cuda example",
-            "examples/mocker-cuda (rendered template), --speedup-ratio 1000",
-            True,
-            _ours(
-                "mocker_cuda",
-                MOCKER_SRC,
-                "bench-b",
-                "bench-b-mocker-cuda",
-                "--speedup-ratio",
-                "1000",
-            ),
+            _reference("bench-a", "--disable-kv-routing"),
         ),
         Target(
             "c",
             "Dynamo sample backend",
-            "dynamo.common.backend.sample_main --delay 0 (Python engine, Rust worker)",
+            "dynamo.common.backend.sample_main --delay 0, KV publishing off",
             False,
-            _sample,
+            _sample("bench-c", "--disable-kv-routing"),
+        ),
+        Target(
+            "a-kv",
+            "backend_common reference +KV",
+            "backend_common.reference --delay 0 --publish-kv-events (sample's events)",
+            True,
+            _reference("bench-akv", "--publish-kv-events"),
+        ),
+        Target(
+            "c-kv",
+            "Dynamo sample backend +KV",
+            "dynamo.common.backend.sample_main --delay 0, KV publishing on (its default)",
+            False,
+            _sample("bench-ckv"),
+        ),
+        Target(
+            "b",
+            "mocker-cuda example",
+            f"examples/mocker-cuda, --speedup-ratio {SPEEDUP_RATIO}, --device none",
+            True,
+            _mocker_example,
         ),
         Target(
             "d",
-            "Dynamo mocker",
-            "dynamo.mocker --speedup-ratio 100 (Rust)",
+            "Dynamo Rust mocker",
+            f"dynamo.mocker --speedup-ratio {SPEEDUP_RATIO}",
             False,
             _dynamo_mocker,
         ),
@@ -141,14 +198,112 @@ def vm_rss_kib(pid: int) -> int | None:
     return None
 
 
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc/<pid>/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children", encoding="ascii") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _runqueue_wait_seconds(pid: int) -> float:
+    """Time the threads of ``pid`` spent runnable but waiting for a CPU (schedstat field 2)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
+class ProcessStats:
+    """CPU time, run-queue wait and resident memory of a process tree (the process and its
+    children)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def cpu_seconds(self) -> float:
+        return sum(_cpu_seconds(p) for p in _descendants(self.pid))
+
+    def runqueue_wait_seconds(self) -> float:
+        """Summed over all threads: how long they were ready to run while other work (on this
+        shared machine: anything) held the CPUs."""
+        return sum(_runqueue_wait_seconds(p) for p in _descendants(self.pid))
+
+    def rss_kib(self) -> int | None:
+        values = [vm_rss_kib(p) for p in _descendants(self.pid)]
+        known = [v for v in values if v is not None]
+        return sum(known) if known else None
+
+
+class PeakRss:
+    """Samples a process tree's RSS every ``interval`` s on a thread while in its ``with``."""
+
+    def __init__(self, stats: ProcessStats, interval: float = 0.25) -> None:
+        self.stats = stats
+        self.interval = interval
+        self.peak_kib: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-rss")
+
+    def _run(self) -> None:
+        while True:
+            rss = self.stats.rss_kib()
+            if rss is not None and (self.peak_kib is None or rss > self.peak_kib):
+                self.peak_kib = rss
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 class RunningTarget:
     def __init__(self, target: Target, launch: Launch, proc: ManagedProcess) -> None:
         self.target = target
+        self.launch = launch
         self.model = launch.model
         self.proc = proc
+        assert proc.pid is not None
+        self.stats = ProcessStats(proc.pid)
 
     def rss_kib(self) -> int | None:
-        return vm_rss_kib(self.proc.pid) if self.proc.pid is not None else None
+        return self.stats.rss_kib()
 
     def stop(self) -> None:
         self.proc.terminate(timeout=15)

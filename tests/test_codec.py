@@ -479,3 +479,23 @@ def test_readers_on_arbitrary_bytes_raise_only_wire_errors(data: bytes, prefix: 
                 pass
 
     asyncio.run(run())
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.integers(min_value=-(2**40), max_value=2**40), max_size=6),
+    st.sampled_from(["json", "msgpack"]),
+)
+def test_token_item_frame_is_item_frame_byte_for_byte(ids: list[int], codec_name: str) -> None:
+    """The per-token fast path sends exactly what the general path would."""
+    assert codec.token_item_frame(ids, codec_name) == codec.item_frame(
+        {"data": {"token_ids": ids}}, codec_name
+    )
+
+
+def test_token_item_frame_falls_back_for_non_int_ids() -> None:
+    # bool is an int subclass that JSON writes as true/false: the general path must handle it.
+    for ids in ([True], [1.5], [1, "x"]):
+        assert codec.token_item_frame(ids, "json") == codec.item_frame(
+            {"data": {"token_ids": ids}}, "json"
+        )

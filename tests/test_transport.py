@@ -522,3 +522,27 @@ async def test_nats_server_serves_an_added_subject(nats_url: str) -> None:
         await server.close()
         await client_nc.close()
         await worker_nc.close()
+
+
+async def test_frames_of_many_streams_go_out_within_one_loop_iteration(frontend) -> None:
+    """One flush callback per iteration serves every stream: each gets its own frames, in
+    order, and nothing waits for a later item to be sent."""
+    fe, address = frontend
+    streams, peers = [], []
+    for _ in range(3):
+        streams.append(await CallHome.connect(address, SUBJECT, "json"))
+        peers.append(await fe.accept())
+    for stream in streams:
+        stream.send_prologue()
+    for i in range(4):
+        for n, stream in enumerate(streams):
+            stream.send_token_ids([10 * n + i])
+        await asyncio.sleep(0)  # one loop iteration: the flush callback runs
+        assert not any(stream._pending for stream in streams)
+    for n, (r, _w) in enumerate(peers):
+        frames = [await asyncio.wait_for(read_two_part(r), 5) for _ in range(6)]
+        assert frames[1] == (b'{"error":null}', b"")
+        bodies = [decode_payload(body, "json") for _h, body in frames[2:]]
+        assert [b["data"]["data"]["token_ids"] for b in bodies] == [[10 * n + i] for i in range(4)]
+    for stream in streams:
+        await stream.close()

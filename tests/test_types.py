@@ -445,3 +445,21 @@ def test_encoder_result_must_be_an_object() -> None:
 def test_enum_strings_are_their_wire_values() -> None:
     # Logs and messages format these enums; they must read as the wire string.
     assert str(FinishReason.CANCELLED) == f"{FinishReason.CANCELLED}" == "cancelled"
+
+
+def test_plain_token_ids_only_for_items_that_carry_nothing_else() -> None:
+    from backend_common.types import LLMEngineOutput, chunk, usage
+
+    assert chunk.token(7).plain_token_ids() == [7]
+    assert chunk.tokens([1, 2]).plain_token_ids() == [1, 2]
+    assert LLMEngineOutput([]).plain_token_ids() == []
+    others = [
+        LLMEngineOutput.length().with_tokens([1]),
+        LLMEngineOutput([1]).with_usage(usage(1, 1)),
+        LLMEngineOutput([1], index=0),
+        LLMEngineOutput([1], text="w1"),
+        LLMEngineOutput([1], output_type="image"),
+        LLMEngineOutput([1], log_probs=[-0.1]),
+    ]
+    for item in others:
+        assert item.plain_token_ids() is None, item

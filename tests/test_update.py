@@ -133,6 +133,38 @@ def test_update_keeps_user_edits_and_matches_a_fresh_copy(
     )
 
 
+def test_update_reaches_the_mocker_engine_code_and_keeps_the_users_engine_py(
+    tmp_path: Path,
+) -> None:
+    """The mocker's engine lives in the template-owned ``mocker/`` package: a template fix
+    there reaches a project on ``copier update``, while the user's ``engine.py`` (a small
+    subclass) keeps its edits."""
+    repo = snapshot(tmp_path / "template-repo")
+    git(repo, "init", "-q")
+    commit_all(repo, "release 0.1.0", "0.1.0")
+    (mocker_engine,) = [
+        p for p in (repo / "template" / "src").rglob("engine.py") if "mocker" in p.parent.name
+    ]
+    append(mocker_engine, "\n# mocker fix shipped in 0.2.0\n")
+    commit_all(repo, "release 0.2.0", "0.2.0")
+
+    data = {**DATA, "engine_kind": "mocker"}
+    project = tmp_path / "project"
+    run_copy(str(repo), project, data=data, vcs_ref="0.1.0", defaults=True, quiet=True)
+    git(project, "init", "-q")
+    commit_all(project, "generated at 0.1.0")
+    engine = project / "src" / "upd_backend" / "engine.py"
+    assert len(engine.read_text(encoding="utf-8").splitlines()) < 40  # small, like skeleton's
+    append(engine, "\n# my engine tweak\n")
+    commit_all(project, "my engine")
+
+    run_update(project, data=data, defaults=True, overwrite=True, quiet=True)
+
+    assert "# my engine tweak" in engine.read_text(encoding="utf-8")
+    shipped = project / "src" / "upd_backend" / "mocker" / "engine.py"
+    assert "# mocker fix shipped in 0.2.0" in shipped.read_text(encoding="utf-8")
+
+
 def test_update_refuses_to_switch_the_engine(template_repo: Path, tmp_path: Path) -> None:
     """engine.py and tests/test_engine.py are the user's: an update cannot swap the engine."""
     project = tmp_path / "project"

@@ -344,8 +344,9 @@ async def test_token_channel_takes_in_order_and_wakes_its_waiter():
     channel.push(8)
     await asyncio.wait_for(waiter, 5)
     channel.push(9, FinishReason.LENGTH)
-    assert channel.take() == [7, 8, 9] and channel.finish is FinishReason.LENGTH
-    assert channel.take() == [] and not channel.ready
+    assert channel.take_one() == [7] and len(channel) == 2
+    assert channel.take() == [8, 9] and channel.finish is FinishReason.LENGTH
+    assert channel.take() == [] and channel.take_one() == [] and not channel.ready
     # interrupt() wakes a waiter without data.
     waiter = asyncio.create_task(channel.wait())
     await asyncio.sleep(0)
@@ -504,19 +505,31 @@ async def test_cancellation_mid_stream_frees_blocks(engine_factory):
     assert engine.scheduler.num_running == 0
 
 
-async def test_a_lagging_stream_gets_several_tokens_per_item(engine_factory):
-    engine = await engine_factory()
+async def _lagging_stream(engine) -> list:
     stream = engine.generate(request([1, 2, 3], max_tokens=40), GenerateContext())
     items = [await stream.__anext__()]
     for _ in range(200):  # the scheduler runs on while this consumer sleeps (bounded)
         if engine.scheduler.num_running == 0:
             break
         await asyncio.sleep(0.005)
+    assert engine.scheduler.num_running == 0, "the scheduler should have finished meanwhile"
     items += [item async for item in stream]
-    assert max(len(i.token_ids) for i in items) > 1
     assert len(tokens_of(items)) == 40
     assert items[-1].finish_reason is FinishReason.LENGTH
     assert items[-1].completion_usage["completion_tokens"] == 40
+    return items
+
+
+async def test_a_lagging_stream_still_gets_one_token_per_item(engine_factory):
+    engine = await engine_factory()
+    items = await _lagging_stream(engine)
+    assert [len(i.token_ids) for i in items] == [1] * 40
+
+
+async def test_merge_lagging_tokens_puts_waiting_tokens_into_one_item(engine_factory):
+    engine = await engine_factory("--merge-lagging-tokens")
+    items = await _lagging_stream(engine)
+    assert max(len(i.token_ids) for i in items) > 1
 
 
 async def test_cancellation_wins_over_tokens_already_waiting(engine_factory):

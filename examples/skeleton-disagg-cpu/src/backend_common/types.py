@@ -15,6 +15,7 @@ frontend and an item encoded for it need no translation layer.
 
 from __future__ import annotations
 
+import operator
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -335,6 +336,16 @@ class LLMEngineOutput:
     def is_terminal(self) -> bool:
         return self.finish_reason is not None
 
+    def plain_token_ids(self) -> list[int] | None:
+        """``token_ids`` when the item carries nothing else (the per-token hot path), else None.
+
+        The worker sends such items with ``codec.token_item_frame``, byte for byte what
+        ``to_dict`` + ``item_frame`` would produce, without building the dict.
+        """
+        if _rest_of(self) == _NOTHING_ELSE:
+            return self.token_ids
+        return None
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LLMEngineOutput) and self.to_dict() == other.to_dict()
 
@@ -387,6 +398,10 @@ class LLMEngineOutput:
                 raise ValueError(f"invalid chunk shape: unknown finish_reason {fr!r}") from None
         kwargs = {name: data.get(name) for name in cls._PLAIN}
         return cls(list(token_ids), fr, error_message=error_message, **kwargs)
+
+
+_rest_of = operator.attrgetter("finish_reason", *LLMEngineOutput._PLAIN)
+_NOTHING_ELSE = (None,) * (1 + len(LLMEngineOutput._PLAIN))
 
 
 class chunk:  # noqa: N801 - mirrors Dynamo's `chunk::token(id)` helper

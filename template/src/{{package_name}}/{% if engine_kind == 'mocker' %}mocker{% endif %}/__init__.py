@@ -9,6 +9,6 @@ Modules, one concept each:
 * ``timing``: Dynamo's polynomial perf model (how long a pass takes).
 * ``device``: the real PyTorch workload per pass (CUDA when available).
 * ``metrics``: the ``mocker_*`` Prometheus gauges.
-
-The engine class itself lives in the package's ``engine.py``.
+* ``engine``: ``MockerEngine``, the ``LLMEngine`` that puts them together; the
+  package's (user-owned) ``engine.py`` subclasses it.
 """

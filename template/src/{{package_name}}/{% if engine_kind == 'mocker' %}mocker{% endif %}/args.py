@@ -52,6 +52,7 @@ class MockerSettings:
     seed: int = 0
     kv_transfer_time_ms: float = 0.0
     default_max_tokens: int = 16
+    merge_lagging_tokens: bool = False
 
 
 def _positive_int(text: str) -> int:
@@ -168,6 +169,13 @@ def add_mocker_args(
         default=d.default_max_tokens,
         help="max_tokens for requests that do not set it",
     )
+    g.add_argument(
+        "--merge-lagging-tokens",
+        action="store_true",
+        default=d.merge_lagging_tokens,
+        help="a stream that lags behind the scheduler sends every waiting token in one item "
+        "(default: one token per item, like a real engine step)",
+    )
     return parser
 
 
@@ -188,6 +196,7 @@ def settings_from_args(args: argparse.Namespace) -> MockerSettings:
         seed=args.seed,
         kv_transfer_time_ms=args.kv_transfer_time_ms,
         default_max_tokens=args.default_max_tokens,
+        merge_lagging_tokens=args.merge_lagging_tokens,
     )
 
 

@@ -2,9 +2,9 @@
 
 One ``TokenChannel`` per request, created with its ``Sequence``. It replaces an
 ``asyncio.Queue`` of per-token objects: the scheduler's hot loop only appends an
-int to a list (``push``), and the stream takes *every* token that arrived since
-its last look in one go (``take``), so a stream that lags behind the scheduler
-catches up with one multi-token item instead of one item per token.
+int to a deque (``push``), and the stream takes the oldest token (``take_one``,
+the default: one token per item) or, with ``--merge-lagging-tokens``, every token
+that arrived since its last look in one go (``take``).
 
 Who calls what, all on the event loop's thread:
 
@@ -13,7 +13,7 @@ Who calls what, all on the event loop's thread:
 * the engine: ``interrupt()`` when the request's context is stopped, which
   only wakes a waiting stream so that it re-checks ``ctx.is_stopped()``;
   the stream itself: ``await wait()`` (bound it with ``asyncio.timeout`` to
-  wait for a limited time), then ``take()``.
+  wait for a limited time), then ``take_one()`` or ``take()``.
 
 Invariants: tokens are taken in push order, each exactly once; ``finish`` is set
 at most once and only together with the last token; ``ready`` is true while
@@ -24,6 +24,7 @@ once then. At most one coroutine waits at a time (the request's stream).
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 from backend_common.types import FinishReason
 
@@ -34,7 +35,7 @@ class TokenChannel:
     __slots__ = ("_tokens", "finish", "closed", "_waiter")
 
     def __init__(self) -> None:
-        self._tokens: list[int] = []
+        self._tokens: deque[int] = deque()
         self.finish: FinishReason | None = None  # set with the request's last token
         self.closed = False  # the scheduler stopped before the request finished
         self._waiter: asyncio.Future[None] | None = None
@@ -67,12 +68,18 @@ class TokenChannel:
     def __len__(self) -> int:
         return len(self._tokens)
 
+    def __bool__(self) -> bool:
+        return bool(self._tokens)
+
     def take(self) -> list[int]:
         """Every token not taken yet, oldest first (possibly none)."""
-        tokens = self._tokens
-        if tokens:
-            self._tokens = []
+        tokens = list(self._tokens)
+        self._tokens.clear()
         return tokens
+
+    def take_one(self) -> list[int]:
+        """The oldest token not taken yet, as a one-element list (empty when there is none)."""
+        return [self._tokens.popleft()] if self._tokens else []
 
     async def wait(self) -> None:
         """Until the channel is ready or ``interrupt()`` is called (bound it with a timeout)."""

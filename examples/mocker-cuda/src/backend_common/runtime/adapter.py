@@ -64,8 +64,10 @@ __all__ = ["ActiveRequest", "EngineAdapter"]
 
 log = logging.getLogger(__name__)
 
-# Yield to the event loop every this many items, so that an engine producing
-# tokens without awaiting cannot starve other streams or delay a `kill`.
+# Every this many items, drain and yield to the event loop when frames are backing up (the
+# engine produced several without awaiting, or the socket buffer is not empty), so that such an
+# engine cannot starve other streams, delay a `kill` or grow the buffer without bound. An engine
+# that suspends per token (the usual case) costs no extra loop iteration.
 YIELD_EVERY = 16
 
 # After a `kill` (client gone), how long an engine may ignore it before its task is cancelled.
@@ -290,7 +292,11 @@ class EngineAdapter:
                     # The frontend is gone (client disconnect): nothing more can be read.
                     return not ctx.is_stopped()
                 try:
-                    home.send_item({"data": item.to_dict()})
+                    token_ids = item.plain_token_ids()
+                    if token_ids is not None:
+                        home.send_token_ids(token_ids)
+                    else:
+                        home.send_item({"data": item.to_dict()})
                 except WireError as exc:
                     # An item the codec cannot encode is the engine's bug, not the client's.
                     log.error("request %s: cannot encode engine item: %s", ctx.id(), exc)
@@ -307,7 +313,9 @@ class EngineAdapter:
                         log.debug("request %s ended with error: %s", ctx.id(), item.error_message)
                     break
                 count += 1
-                if count % YIELD_EVERY == 0:
+                if count % YIELD_EVERY == 0 and home.backlogged:
+                    # The engine did not suspend since the last flush, or the socket is behind:
+                    # apply back-pressure and give other streams (and a `kill`) a turn.
                     await home.drain()
                     await asyncio.sleep(0)
         except ContractViolation as exc:

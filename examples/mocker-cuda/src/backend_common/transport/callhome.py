@@ -6,12 +6,14 @@ Lifecycle, driven by the worker's request handler (one ``CallHome`` per request)
 
 1. ``connect(address, subject, codec, on_control=...)`` opens the socket and sends the handshake;
 2. ``send_prologue()`` (or ``send_prologue(error, typed_error)`` then ``close()``);
-3. ``send_item(item)`` per output item — no await: the frame is queued and every frame queued
-   during one event-loop iteration goes out in ONE ``transport.write`` (a ``call_soon`` flush),
-   so an engine that yields several tokens at once costs one send syscall, not one per token,
-   and no frame waits longer than the current loop iteration; the handler calls
-   ``await drain()`` every few items, which flushes and only waits when the buffer is over its
-   high-water mark;
+3. ``send_item(item)`` (or ``send_token_ids(ids)`` for an item that is only tokens) per output
+   item — no await: the frame is queued and every frame queued during one event-loop
+   iteration goes out in ONE ``transport.write``, so an engine that yields several tokens at
+   once costs one send syscall, not one per token, and no frame waits longer than the current
+   loop iteration. One ``call_soon`` per loop iteration flushes every stream that queued
+   something (``_LoopFlusher``), not one per stream and token; the handler calls
+   ``await drain()`` when frames back up (``backlogged``), which flushes and only waits when
+   the buffer is over its high-water mark;
 4. ``await finish()``: ``complete_final`` + ``sentinel``, drain, then close once the frontend has
    closed its side (bounded to ``linger`` seconds, so a silent peer cannot hold the socket).
 
@@ -29,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +45,7 @@ from .codec import (
     read_two_part,
     sentinel_frame,
     split_address,
+    token_item_frame,
 )
 from .tcp import set_nodelay
 
@@ -54,6 +58,43 @@ OnControl = Callable[[str], None]
 # Control frames from the frontend are tiny JSON strings; anything bigger is a protocol error.
 _MAX_INBOUND_HEADER = 4096
 _MAX_INBOUND_BODY = 64 * 1024
+
+
+class _LoopFlusher:
+    """Per event loop: the streams that queued frames this iteration, flushed by ONE callback.
+
+    ``add(home)`` is called by a stream on its first queued frame of an iteration; the
+    callback (scheduled with the first ``add``) writes every such stream's frames, in the
+    order the streams queued them. A stream added after the callback ran schedules the next.
+    """
+
+    __slots__ = ("_loop", "_dirty", "__weakref__")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[CallHome] = []
+
+    def add(self, home: CallHome) -> None:
+        if not self._dirty:
+            self._loop.call_soon(self._run)
+        self._dirty.append(home)
+
+    def _run(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for home in dirty:
+            home._flush()
+
+
+_FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopFlusher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _flusher(loop: asyncio.AbstractEventLoop) -> _LoopFlusher:
+    flusher = _FLUSHERS.get(loop)
+    if flusher is None:
+        flusher = _FLUSHERS[loop] = _LoopFlusher(loop)
+    return flusher
 
 
 class CallHome:
@@ -82,8 +123,7 @@ class CallHome:
         self._reader_task: asyncio.Task[None] | None = None
         # Frames written this loop iteration, flushed together by `_flush` (see the docstring).
         self._pending: list[bytes] = []
-        self._flush_scheduled = False
-        self._loop = asyncio.get_running_loop()
+        self._flusher = _flusher(asyncio.get_running_loop())
 
     @classmethod
     async def connect(
@@ -119,16 +159,22 @@ class CallHome:
         return self._closed or self.peer_closed or self._transport.is_closing()
 
     @property
+    def backlogged(self) -> bool:
+        """Frames of more than one item wait for this iteration's flush, or the transport
+        holds unsent bytes: the writer should ``drain()``."""
+        return len(self._pending) > 1 or self._transport.get_write_buffer_size() > 0
+
+    @property
     def finished(self) -> bool:
         return self._finished
 
     def _write(self, frame: bytes) -> bool:
         if self.closed:
             return False
-        self._pending.append(frame)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        pending = self._pending
+        if not pending:
+            self._flusher.add(self)
+        pending.append(frame)
         return True
 
     def flush(self) -> None:
@@ -138,7 +184,6 @@ class CallHome:
 
     def _flush(self) -> None:
         """Write every queued frame at once (dropped if the stream closed meanwhile)."""
-        self._flush_scheduled = False
         pending = self._pending
         if not pending:
             return
@@ -162,6 +207,10 @@ class CallHome:
         """
         if not self.closed:
             self._write(item_frame(item, self.codec))
+
+    def send_token_ids(self, token_ids: list[int]) -> None:
+        """``send_item({"data": {"token_ids": token_ids}})``, without building the dict."""
+        self._write(token_item_frame(token_ids, self.codec))
 
     def send_error_item(self, message: str, error: dict[str, Any] | None = None) -> None:
         """Mid-stream error item ``{"event": "error", "comment": [message], "error": {...}}``.
@@ -209,8 +258,10 @@ class CallHome:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._writer.close()
+        # asyncio.timeout, not wait_for: no extra task per request.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+            async with asyncio.timeout(1.0):
+                await self._writer.wait_closed()
 
     def _mark_peer_gone(self) -> None:
         if self.peer_closed:
