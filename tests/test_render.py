@@ -90,6 +90,11 @@ def ruff() -> str:
     return str(candidate) if candidate.exists() else (shutil.which("ruff") or "ruff")
 
 
+def hadolint() -> str:
+    candidate = Path(sys.executable).parent / "hadolint"
+    return str(candidate) if candidate.exists() else (shutil.which("hadolint") or "hadolint")
+
+
 IDS = [combo_id(c) for c in COMBOS]
 
 
@@ -144,6 +149,23 @@ def test_ruff_passes_with_the_projects_own_config(rendered, key: str) -> None:
 
 
 @pytest.mark.parametrize("key", IDS)
+def test_hadolint_finds_nothing_in_any_dockerfile(rendered, key: str) -> None:
+    """Every Dockerfile, the CUDA ones included (they cannot be built on this machine)."""
+    project, _data = rendered[key]
+    dockerfiles = sorted(p.name for p in project.glob("Dockerfile*"))
+    assert {"Dockerfile", "Dockerfile.frontend"} <= set(dockerfiles)
+    # No .hadolint.yaml anywhere: the default rules, every severity (info included).
+    out = subprocess.run(
+        [hadolint(), "--no-color", "--failure-threshold", "info", *dockerfiles],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and out.stdout == "", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("key", IDS)
 def test_vendored_runtime_is_byte_identical(rendered, key: str) -> None:
     project, _data = rendered[key]
     vendored = project / "src" / "backend_common"
@@ -182,7 +204,7 @@ def test_answers_land_where_they_should(rendered, key: str) -> None:
         assert dockerfile.startswith("# ") and "FROM nvidia/cuda:" in dockerfile
     else:
         assert f"FROM python:{data['python_version']}-slim" in dockerfile
-    assert "HEALTHCHECK" in dockerfile and "USER dynamo" in dockerfile
+    assert "HEALTHCHECK" in dockerfile and "USER 10001:10001" in dockerfile
 
     compose = yaml.safe_load((project / "docker-compose.yml").read_text(encoding="utf-8"))
     workers = ["backend", "prefill", "decode"] if disagg else ["backend"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backend_common.config import EngineConfig, WorkerConfig
 from backend_common.devstack.tinymodel import write_tiny_model
+from backend_common.runtime import status
 from backend_common.runtime.metrics import WorkerMetrics
 from backend_common.runtime.modelcard import build_model_card
 from backend_common.runtime.status import StatusServer
@@ -183,3 +185,42 @@ async def test_serves_card_files_only(http: aiohttp.ClientSession, tmp_path: Pat
             server.set_files("/x", {"../secret.txt": tmp_path / "secret.txt"})
     finally:
         await server.close()
+
+
+async def test_wildcard_bind_advertises_this_hosts_address(monkeypatch) -> None:
+    # In a container or pod the host name resolves to its routable address: the card's file
+    # URLs must use it, or a frontend in another container cannot fetch them.
+    async def resolved(family: int) -> str:
+        assert family == socket.AF_INET
+        return "10.1.2.3"
+
+    monkeypatch.setattr(status, "_own_address", resolved)
+    server = StatusServer("0.0.0.0", 0)
+    await server.start()
+    try:
+        assert server.base_url == f"http://10.1.2.3:{server.port}"
+    finally:
+        await server.close()
+
+
+async def test_wildcard_bind_falls_back_to_loopback_when_the_name_does_not_resolve(
+    monkeypatch,
+) -> None:
+    async def unresolved(family: int) -> None:
+        return None
+
+    monkeypatch.setattr(status, "_own_address", unresolved)
+    server = StatusServer("0.0.0.0", 0)
+    await server.start()
+    try:
+        assert server.base_url == f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
+
+
+async def test_own_address_resolves_this_hosts_name() -> None:
+    address = await status._own_address(socket.AF_INET)
+    expected = {
+        info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    }
+    assert address in expected

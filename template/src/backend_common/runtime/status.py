@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ class StatusServer:
             self.set_files(files_prefix or "", files or {})
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
+        self._own_address: str | None = None
 
     # -- configuration ------------------------------------------------------------
     def set_files(self, prefix: str, files: dict[str, Path]) -> None:
@@ -89,6 +91,10 @@ class StatusServer:
         await site.start()
         # runner.addresses holds the bound socket names: the real port when 0 was asked for.
         self._port = int(self._runner.addresses[0][1])
+        if self.host in ("", "0.0.0.0", "::"):
+            self._own_address = await _own_address(
+                socket.AF_INET6 if self.host == "::" else socket.AF_INET
+            )
         log.info("status server listening on %s", self.base_url)
 
     async def close(self) -> None:
@@ -104,12 +110,15 @@ class StatusServer:
 
     @property
     def base_url(self) -> str:
-        """``http://host:port``; a wildcard bind address is advertised as loopback."""
+        """``http://host:port`` as other processes reach it (the model card's file URLs).
+
+        A wildcard bind address is advertised as this host's own address: its host name
+        resolved, which is the container's or pod's address there, so that a frontend in
+        another container can fetch the card files. Loopback when the name does not resolve.
+        """
         host = self.host
-        if host in ("", "0.0.0.0"):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
+        if host in ("", "0.0.0.0", "::"):
+            host = self._own_address or ("::1" if host == "::" else "127.0.0.1")
         try:
             if ipaddress.ip_address(host).version == 6:
                 host = f"[{host}]"
@@ -145,3 +154,14 @@ class StatusServer:
         if target is None or not target.is_file():
             raise web.HTTPNotFound(text=f"no such metadata file: {path}")
         return web.FileResponse(target)
+
+
+async def _own_address(family: int) -> str | None:
+    """The first ``family`` address this host's name resolves to; None if it does not."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            socket.gethostname(), None, family=family, type=socket.SOCK_STREAM
+        )
+    except OSError:
+        return None
+    return str(infos[0][4][0]) if infos else None
