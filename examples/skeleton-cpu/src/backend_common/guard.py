@@ -56,12 +56,17 @@ class RequestGuard:
     def released(self) -> bool:
         return self._released
 
-    def release(self) -> None:
-        """Run the release callback now (once). Exceptions are logged, never raised."""
+    def _take(self) -> Callable[[], Any] | None:
+        """The callback to run, once: None when already released (or disarmed)."""
         if self._released:
-            return
+            return None
         self._released = True
         fn, self._release = self._release, None
+        return fn
+
+    def release(self) -> None:
+        """Run the release callback now (once). Exceptions are logged, never raised."""
+        fn = self._take()
         try:
             result = fn() if fn is not None else None
             if inspect.isawaitable(result):
@@ -82,10 +87,7 @@ class RequestGuard:
 
     async def arelease(self) -> None:
         """Run the release callback now (once), awaiting it when it is async."""
-        if self._released:
-            return
-        self._released = True
-        fn, self._release = self._release, None
+        fn = self._take()
         try:
             result = fn() if fn is not None else None
             if inspect.isawaitable(result):
