@@ -43,3 +43,25 @@ def test_benchmark_doc_is_generated_from_the_results() -> None:
 def test_readme_table_is_generated_from_the_results() -> None:
     section = render_readme_section(_load("results.json"))
     assert section in README.read_text(), "run `python -m bench.publish` to regenerate"
+
+
+def test_readme_transformers_figures_come_from_their_measurement_file() -> None:
+    """The README's transformers-kind table and TTFT line are the numbers of
+    docs/measurements/transformers-cpu.json (written by that example's ``make bench``)."""
+    data = json.loads(
+        (README.parent / "docs" / "measurements" / "transformers-cpu.json").read_text()
+    )
+    levels = {lv["concurrency"]: lv for lv in data["serving"]}
+    row = "| transformers-cpu example | " + " | ".join(
+        [f"{levels[c]['output_tok_s']:,.0f}" for c in (1, 16, 64)]
+        + [f"{data['offline']['output_tok_s']:,.0f}"]
+    )
+    ttft = "TTFT p50: " + ", ".join(
+        f"{levels[c]['ttft_p50_ms']:.0f} ms at c={c}" for c in (1, 16, 64)
+    )
+    text = README.read_text()
+    assert row in text, row
+    assert ttft in text, ttft
+    parity = data["parity"]
+    assert f"`generate()` text {parity['equal']}/{parity['requests']}" in text.replace("\n", " ")
+    assert data["checks"]["kv_back_to_baseline"] and data["checks"]["c16_at_least_3x_c1"]
