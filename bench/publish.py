@@ -123,14 +123,28 @@ def render_readme_section(result: dict[str, Any]) -> str:
         "Output tokens/s ratios: " + "; ".join(ratio_bits) + ". "
         f"Worker CPU per 1000 output tokens at c=64: {', '.join(cpu_bits)}. "
         f"One run ({result['timestamp']}, {_f(result.get('duration_s', 0) / 60)} minutes) on "
-        f"{host['cpus']} cores shared with other jobs (load average "
-        f"{_f(host['loadavg_at_start'][0])} at the start, "
-        f"{_f(host.get('loadavg_at_end', [None])[0])} at the end): the workers waited for a "
-        "CPU much of the time, so the throughput ratios move from run to run; the CPU per "
-        "token is the steadier figure."
+        f"{host['cpus']} cores{_load_note(host)}"
     )
     lines += ["", END]
     return "\n".join(lines)
+
+
+def _load_note(host: dict[str, Any]) -> str:
+    """How busy the machine was: a run that started on a loaded machine says so, because its
+    workers then wait for a CPU and the throughput ratios are the least steady figures."""
+    start = host["loadavg_at_start"][0]
+    end = host.get("loadavg_at_end", [None])[0]
+    loads = f"load average {_f(start)} at the start, {_f(end)} at the end"
+    if start >= host["cpus"] / 2:
+        return (
+            f" shared with other jobs ({loads}): the workers waited for a CPU much of the "
+            "time, so the throughput ratios move from run to run; the CPU per token is the "
+            "steadier figure."
+        )
+    return (
+        f", otherwise idle ({loads}); the frontend, the load generator and the worker share "
+        "those cores, so the CPU per token is the steadier figure across machines."
+    )
 
 
 def update_readme(text: str, section: str) -> str:
@@ -241,9 +255,9 @@ def render_doc(
         f"* Python {host['python']}; "
         + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None),
         f"* Load average (1 min) at the start {_f(host['loadavg_at_start'][0], 2)}, at the end "
-        f"{_f(host.get('loadavg_at_end', [None])[0], 2)}. The machine was shared with other",
-        "  jobs: the load generator, the frontend and the worker compete with them for the",
-        "  cores, so throughput and latencies move from run to run. The CPU seconds per token",
+        f"{_f(host.get('loadavg_at_end', [None])[0], 2)}. The load generator, the frontend and",
+        "  the worker share the cores (and, when the load at the start is high, other jobs",
+        "  too), so throughput and latencies move from run to run. The CPU seconds per token",
         "  are the steadier figure. Under contention the kernel shares CPU time per thread, so a",
         "  multi-threaded worker (Dynamo's, with its Rust runtime) can get more of it than a",
         "  single-threaded Python one.",
@@ -313,10 +327,10 @@ def render_doc(
         "  the client do the same work per token behind each pair; what differs is the worker.",
         "* The worker CPU per token is what the runtime costs. Throughput also depends on how",
         "  much CPU each process gets: when the run-queue wait column is well above 0, the",
-        "  worker was ready but the machine's cores were busy (here: with other jobs too), and",
+        "  worker was ready but the machine's cores were busy, and",
         "  a worker with more threads (Dynamo's Rust runtime next to its Python engine) gets a",
         "  larger share of a contended machine than a single-threaded Python worker.",
-        "* TTFT at concurrency > 1 is mostly queueing behind the other streams on the shared",
+        "* TTFT at concurrency > 1 is mostly queueing behind the other streams on the same",
         "  cores; at c=1 it is the per-request path (request plane, call-home connect, first",
         "  token).",
     ]
