@@ -5,7 +5,7 @@ streaming ``/v1/chat/completions`` requests (``max_tokens`` output tokens each,
 ``stream_options.include_usage``) with at most ``C`` in flight, after ``warmup`` requests at the
 same concurrency that are not counted, and returns a ``LevelResult``. Every request opens a new
 HTTP connection (``force_close``): on reused connections the Dynamo frontend delays the first
-tokens by ~40 ms (real-dynamo.md §9), which would swamp the TTFT being measured.
+tokens by ~40 ms (measured when the benchmark was built), which would swamp the TTFT being measured.
 
 Each request is bounded by ``timeout`` seconds, so a level ends within
 ``ceil(N / C) * timeout`` seconds whatever the server does. A request counts as an error when
@@ -34,7 +34,7 @@ import aiohttp
 __all__ = ["LevelResult", "RequestResult", "percentile", "run_level", "PROMPT"]
 
 PROMPT = " ".join(f"w{i}" for i in range(1, 33))
-"""A 32-word prompt (each word one token of the tiny model), as in real-dynamo.md §9."""
+"""A 32-word prompt (each word one token of the tiny model)."""
 
 CONNECTION_MODE = "new connection per request"
 

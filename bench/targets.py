@@ -21,8 +21,9 @@ The targets come in like-for-like pairs, ours against Dynamo's (``PAIRS``):
 
 Every target has its own namespace and model name, so a late-leaving worker of one target can
 never receive another target's requests. Dynamo's own workers run with ``--event-plane nats``:
-their ZMQ publishers would otherwise bind 0.0.0.0 (real-dynamo.md §5), and their
-``DYN_SYSTEM_PORT`` comes from ``free_system_port`` (Dynamo refuses ports above 32767).
+their ZMQ publishers would otherwise bind 0.0.0.0 (backend_common's docs/wire-protocol.md,
+"The ZMQ event plane"), and their ``DYN_SYSTEM_PORT`` comes from ``free_system_port``
+(Dynamo refuses ports above 32767).
 """
 
 from __future__ import annotations

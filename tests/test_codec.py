@@ -1,5 +1,5 @@
-"""Byte-level tests of backend_common.transport.codec against wire.md §3-§4 and the 1.6.1 captures
-of §10.4/§10.5."""
+"""Byte-level tests of backend_common.transport.codec against bytes captured from the real
+1.6.1 frontend and worker."""
 
 from __future__ import annotations
 

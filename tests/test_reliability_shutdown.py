@@ -305,9 +305,10 @@ async def _raw_ack(port: int) -> str | None:
 @pytest.mark.parametrize("migration", [0, 1])
 async def test_frontend_retry_on_server_unavailable_ack(make_stack, migration: int) -> None:
     """A registered instance that ACKs every request with ``Server unavailable: ...`` next to a
-    real worker. Measured against wire.md §4.5: the 1.6.1 frontend retries a refused request
-    on the other instance only when ``--migration-limit`` > 0; with the default 0 the client
-    gets HTTP 503 for every refused request (it is never served, never hangs)."""
+    real worker. Measured (backend_common's docs/wire-protocol.md, "ACK"): the 1.6.1 frontend
+    retries a refused request on the other instance only when ``--migration-limit`` > 0; with
+    the default 0 the client gets HTTP 503 for every refused request (it is never served, never
+    hangs)."""
     extra = ["--migration-limit", str(migration)] if migration else []
     stack: Stack = make_stack("file", "tcp", extra_args=extra)
     proc = stack.serve("tiny-retry")

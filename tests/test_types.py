@@ -1,6 +1,6 @@
 """The values that cross the engine contract: PreprocessedRequest, LLMEngineOutput, FinishReason.
 
-The captured bodies are the 1.6.1 frontend's and worker's own (wire.md §10.4 / §10.5); the
+The captured bodies are the 1.6.1 frontend's and worker's own (from real processes); the
 runtime must read them field for field and write what the frontend reads back.
 """
 
@@ -21,7 +21,7 @@ from backend_common.types import (
     usage,
 )
 
-# wire.md §10.4 (a): NATS plane, msgpack body, decoded.
+# Captured (a): NATS plane, msgpack body, decoded.
 CAPTURED_REQUEST_A = json.loads(
     """{"model":"test-model","token_ids":[1001,1000,1000,5,6,1000,1000,1000],
  "stop_conditions":{"max_tokens":4,"stop":null,"stop_token_ids":null,"stop_token_ids_visible":null,
@@ -38,7 +38,7 @@ CAPTURED_REQUEST_A = json.loads(
  "annotations":[],"routing":{},"router_config_override":null}"""
 )
 
-# wire.md §10.4 (b): TCP plane, JSON body, with sampling and logprobs set by the client.
+# Captured (b): TCP plane, JSON body, with sampling and logprobs set by the client.
 CAPTURED_REQUEST_B = json.loads(
     """{"model":"tiny-py","token_ids":[2001,2000,2000,1,2000,2000,21,22,2000,2000],
  "stop_conditions":{"max_tokens":3,"stop":["w99"],"stop_token_ids":null,
@@ -55,7 +55,7 @@ CAPTURED_REQUEST_B = json.loads(
  "annotations":[],"routing":{},"router_config_override":null}"""
 )
 
-# wire.md §10.5: the inner `Annotated.data` of the data frames of a real 1.6.1 worker.
+# Captured: the inner `Annotated.data` of the data frames of a real 1.6.1 worker.
 CAPTURED_ITEMS = [
     json.loads(
         '{"token_ids":[1],"tokens":null,"text":null,"output_type":"text","cum_log_probs":null,'
