@@ -57,11 +57,11 @@ bench-publish: $(VENV)/.installed ## commit-ready docs/benchmark.md + README tab
 
 soak: install ## 10 minutes, 16 streaming clients through the real frontend (make test: 60 s)
 	RELIABILITY_SOAK_S=600 DYNAMO_FRONTEND_PYTHON=$(CURDIR)/$(FRONTEND_VENV)/bin/python \
-		$(PY) -m pytest -q -s tests/test_reliability_soak.py
+		$(PY) -m pytest -q -s tests/reliability/test_reliability_soak.py
 
 chaos: install ## faults in sequence and overlapping under load (make test: one short sequence)
 	RELIABILITY_CHAOS=full DYNAMO_FRONTEND_PYTHON=$(CURDIR)/$(FRONTEND_VENV)/bin/python \
-		$(PY) -m pytest -q -s tests/test_reliability_chaos.py
+		$(PY) -m pytest -q -s tests/reliability/test_reliability_chaos.py
 
 reliability-doc: $(VENV)/.installed ## build/reliability/*.json -> docs/reliability-results.json + doc table
 	$(PY) tests/reliability_results.py update

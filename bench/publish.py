@@ -8,7 +8,7 @@ also committed under ``docs/benchmark/``: ``before.json`` (a run of targets a an
 runtime before the hot-path changes, for the before/after table) and ``profile.json`` (py-spy
 summaries from ``bench.profile``, before and after).
 
-``tests/test_bench_docs.py`` regenerates the text from the committed JSON and fails when
+``tests/bench/test_bench_docs.py`` regenerates the text from the committed JSON and fails when
 docs/benchmark.md or the README differ, so no performance figure in them can drift from
 the results file.
 

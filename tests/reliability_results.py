@@ -5,9 +5,9 @@ it asserts (as text) and what it measured, BEFORE its assertions, so a failing r
 its figures too. ``record`` writes ``build/reliability/<name>.json`` (``/build/`` is ignored
 by git). ``python tests/reliability_results.py update`` copies those files into
 ``docs/reliability-results.json`` (the committed copy) and regenerates the section of
-``docs/reliability.md`` between the two markers below from it; ``tests/test_reliability_doc.py``
-fails when the section and the committed JSON differ. So every figure in that section comes
-from a run of the test that asserts it.
+``docs/reliability.md`` between the two markers below from it;
+``tests/reliability/test_reliability_doc.py`` fails when the section and the committed JSON
+differ. So every figure in that section comes from a run of the test that asserts it.
 """
 
 from __future__ import annotations

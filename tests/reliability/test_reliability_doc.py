@@ -24,7 +24,7 @@ def test_doc_table_matches_committed_results() -> None:
 def test_every_recording_test_has_committed_results() -> None:
     names = set(COMPUTED_NAMES)
     for pattern in RECORDING_FILES:
-        for path in (REPO / "tests").glob(pattern):
+        for path in (REPO / "tests" / "reliability").glob(pattern):
             names |= set(re.findall(r'record\(\s*"(\w+)"', path.read_text()))
     results = json.loads(COMMITTED.read_text())
     assert names - set(results) == set(), "no committed figures for these tests"

@@ -27,7 +27,7 @@ from backend_common.args import (
 )
 from backend_common.config import WorkerConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUNTIME = REPO / "template" / "src" / "backend_common"
 SETTINGS_DOC = RUNTIME / "docs" / "settings.md"
 

@@ -29,7 +29,7 @@ import pytest
 from generator.examples import EXAMPLES
 from generator.render import render_snapshot, snapshot
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CHECK_SCRIPT = REPO / "template" / "scripts" / "docker_check.py"
 CHECK_TIMEOUT_S = 1800
 # Variables of an enclosing `make` that would leak into the generated project's make.
@@ -210,7 +210,7 @@ def test_compose_stack_serves_a_chat(checked, docker_cli: str, tmp_path: Path) -
         subprocess.run(
             [docker_cli, "build", "--network", "host", "-q", "-f", dockerfile]
             + ["-t", image(f"standin-{service}"), "."],
-            cwd=Path(__file__).parent / "docker",
+            cwd=Path(__file__).parents[1] / "docker",
             env=env,
             check=True,
             capture_output=True,

@@ -69,7 +69,7 @@ def test_tiny_model_options_and_cli(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "template" / "src")},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "template" / "src")},
     )
     assert run.returncode == 0, run.stderr
     tok = Tokenizer.from_file(str(tmp_path / "cli" / "tokenizer.json"))

@@ -22,7 +22,7 @@ import msgpack
 import pytest
 from conftest import Stack, free_port, wait_until
 from reliability_results import record
-from test_e2e_serving import events, scrape, words
+from worker_probes import events, scrape, words
 
 from backend_common.devstack.openai import chat, completion
 from backend_common.transport.codec import (

@@ -18,7 +18,7 @@ import aiohttp
 import nats
 import pytest
 from conftest import REPO, Stack, wait_until
-from test_e2e_serving import words
+from worker_probes import words
 
 from backend_common.args import add_common_args, worker_config_from_args
 from backend_common.config import WorkerConfig

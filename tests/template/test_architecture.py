@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-RUNTIME = Path(__file__).resolve().parents[1] / "template" / "src" / "backend_common"
+RUNTIME = Path(__file__).resolve().parents[2] / "template" / "src" / "backend_common"
 PKG = "backend_common"
 
 

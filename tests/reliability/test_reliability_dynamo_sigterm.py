@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from reliability_results import record
-from test_e2e_serving import words
+from worker_probes import words
 
 from backend_common.devstack.frontend import Frontend, free_system_port, hermetic_env, worker_env
 from backend_common.devstack.openai import chat

@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from conftest import Stack, wait_until
 from reliability_results import record
-from test_e2e_serving import words
+from worker_probes import words
 
 from backend_common.devstack.frontend import Frontend
 from backend_common.devstack.openai import ChatResult, chat

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from conftest import Stack, free_port, wait_until
 from reliability_results import record
-from test_e2e_serving import events, scrape
+from worker_probes import events, scrape
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

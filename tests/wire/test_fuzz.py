@@ -1,6 +1,6 @@
 """Property-based fuzzing of every decoder a peer can reach, with bounded examples.
 
-tests/test_codec.py already feeds arbitrary bytes to the readers; this adds
+tests/wire/test_codec.py already feeds arbitrary bytes to the readers; this adds
 structure-aware inputs (valid frames with hostile length prefixes, JSON control headers
 with arbitrary member types, arbitrary request bodies in both codecs, arbitrary frames on
 a call-home socket) and the request policy. Each decoder may only raise its typed error.

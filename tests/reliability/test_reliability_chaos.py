@@ -41,7 +41,7 @@ import aiohttp
 import pytest
 from conftest import Stack, free_port
 from reliability_results import record
-from test_e2e_serving import scrape, words
+from worker_probes import scrape, words
 
 from backend_common.devstack.frontend import Frontend
 from backend_common.devstack.openai import chat

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 from conftest import Stack, free_port, wait_until
 from reliability_results import record
-from test_e2e_serving import events, scrape, words
+from worker_probes import events, scrape, words
 
 from backend_common.devstack.openai import ChatResult, chat
 from backend_common.discovery.base import rebind_key, rebind_record, tcp_transport
