@@ -108,7 +108,7 @@ def test_a_flag_beats_its_variable(clean_env: pytest.MonkeyPatch) -> None:
 
 def test_nats_server_does_not_pick_the_event_plane(clean_env: pytest.MonkeyPatch) -> None:
     # A real 1.6.1 worker with NATS_SERVER set and no --event-plane advertised its channels
-    # on ZMQ; an unset plane means ZMQ (runtime.kv_routing).
+    # on ZMQ; an unset plane means ZMQ (runtime.kv_events.routing).
     assert _config().event_plane is None
     clean_env.setenv("NATS_SERVER", "nats://127.0.0.1:4222")
     assert _config().event_plane is None

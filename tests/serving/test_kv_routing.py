@@ -23,7 +23,9 @@ from conftest import REPO, RUNTIME_SRC, Stack, free_port
 
 from backend_common.devstack.openai import chat
 from backend_common.errors import DynamoError
-from backend_common.kv_events import EventPlane, sequence_block_hashes, tokens_hash
+from backend_common.kv_events import sequence_block_hashes, tokens_hash
+from backend_common.runtime.kv_events.plane import EventPlane
+from backend_common.runtime.kv_events.transports import NatsTransport
 
 MOCKER_SRC = REPO / "examples" / "mocker-cuda" / "src"
 MOCKER_ARGS = (
@@ -98,7 +100,7 @@ class FakeNats:
 
 async def test_wire_format_of_events_and_load() -> None:
     nc = FakeNats()
-    plane = EventPlane(nc, "ns", "comp", "ep", worker_id=(1 << 63) + 5)
+    plane = EventPlane(NatsTransport(nc), "ns", "comp", "ep", worker_id=(1 << 63) + 5)
     pub = plane.kv_publisher(dp_rank=0, block_size=4)
     hashes = sequence_block_hashes(CAPTURED_TOKENS, 4)
     pub.publish_stored(CAPTURED_TOKENS[:8], [4, 4], hashes[:2], None)

@@ -18,7 +18,7 @@ from inproc_worker import file_config, running_worker
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from backend_common.publisher import ComponentSnapshot, SnapshotPublisher
+from backend_common.kv_events import ComponentSnapshot, SnapshotPublisher
 from backend_common.reference import ReferenceEngine
 
 PHASE_S = 0.05

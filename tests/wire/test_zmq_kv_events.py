@@ -19,7 +19,9 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from backend_common.config import EngineConfig, WorkerConfig
-from backend_common.engine_kv_events import (
+from backend_common.errors import DynamoError
+from backend_common.kv_events import ZmqSource
+from backend_common.runtime.kv_events.decoder import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -28,11 +30,10 @@ from backend_common.engine_kv_events import (
     decode_batch,
     storage_tier,
 )
-from backend_common.errors import DynamoError
-from backend_common.kv_events import EventPlane, ZmqSource
-from backend_common.runtime.kv_routing import setup_kv_routing
-from backend_common.runtime.zmq_source import ZmqKvRelay, ZmqSourceMetrics
-from backend_common.zmq_event_plane import ZmqEventPlane, encode_frames
+from backend_common.runtime.kv_events.plane import EventPlane
+from backend_common.runtime.kv_events.relay import ZmqKvRelay, ZmqSourceMetrics
+from backend_common.runtime.kv_events.routing import setup_kv_routing
+from backend_common.runtime.kv_events.transports import NatsTransport, ZmqTransport, encode_frames
 
 TOKENS = list(range(100, 116))
 H1, H2, H3 = 0x1111111111111111, 0xF222222222222222, 0x3333333333333333
@@ -237,7 +238,7 @@ def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 def make_relay(dp_rank: int = 0, block_size: int = 4, endpoint: str = "tcp://127.0.0.1:1"):
     nc = FakeNats()
-    plane = EventPlane(nc, "ns", "comp", "ep", worker_id=42)
+    plane = EventPlane(NatsTransport(nc), "ns", "comp", "ep", worker_id=42)
     registry = CollectorRegistry()
     metrics = ZmqSourceMetrics(registry, {})
     relay = ZmqKvRelay(
@@ -358,11 +359,13 @@ async def test_relay_over_a_real_socket_survives_a_publisher_restart() -> None:
 # -- the ZMQ event plane (publisher side, as 1.6.1) -------------------------------------------
 def test_frames_match_a_real_1_6_1_message() -> None:
     envelope = CAPTURED_161_MESSAGE[3][5:]
-    assert encode_frames("kv-events", envelope) == CAPTURED_161_MESSAGE
+    head = msgpack.unpackb(envelope)
+    frames = encode_frames("kv-events", head["publisher_id"], head["sequence"], envelope)
+    assert frames == CAPTURED_161_MESSAGE
 
 
 async def test_zmq_plane_advertises_loopback_sockets_and_sends_1_6_1_frames() -> None:
-    plane = await ZmqEventPlane.connect("127.0.0.1", "ns", "comp", "ep", worker_id=7)
+    plane = EventPlane(ZmqTransport("127.0.0.1"), "ns", "comp", "ep", worker_id=7)
     pub = plane.kv_publisher(dp_rank=0, block_size=4)
     records = dict(plane.records(7))
     prefix = "v1/event_channels/namespace/ns/component/comp/endpoint/ep/topic/kv-events/"
@@ -481,7 +484,7 @@ async def test_setup_kv_routing_wires_zmq_sources_to_the_zmq_plane_by_default() 
     registry = CollectorRegistry()
     engine = ZmqEngine("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
     plane = await setup_kv_routing(engine, config, engine_config, 5, registry, {})
-    assert isinstance(plane, ZmqEventPlane)
+    assert plane is not None and isinstance(plane.transport, ZmqTransport)
     assert len(relay_threads()) == 2
     sources = [v for _, v in plane.records(5) if v["type"] == "EventSource"]
     assert sorted(s["metadata"]["worker"]["dp_rank"] for s in sources) == [0, 1]

@@ -43,8 +43,7 @@ from .types import LLMEngineOutput, PreprocessedRequest
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from .kv_events import PushSource, ZmqSource
-    from .publisher import SnapshotPublisher
+    from .kv_events import PushSource, SnapshotPublisher, ZmqSource
 
 __all__ = ["LLMEngine"]
 
@@ -105,14 +104,14 @@ class LLMEngine(ABC):
         """The data-parallel ranks this engine reports KV cache snapshots for. Default: none.
 
         Called once, only when KV routing is on. A non-empty list makes the worker
-        build one ``SnapshotPublisher`` (``publisher``) and hand it to
+        build one ``SnapshotPublisher`` (``kv_events``) and hand it to
         ``attach_snapshot_publisher``; an empty one means no ``dynamo_component_*``
         gauges and no load signal to the KV router.
         """
         return []
 
     def attach_snapshot_publisher(self, publisher: SnapshotPublisher) -> None:  # noqa: B027
-        """Keep ``publisher`` to report KV cache snapshots (see ``publisher``). Default: drop it.
+        """Keep ``publisher`` to report KV cache snapshots (see ``kv_events``). Default: drop it.
 
         Called at most once, after ``component_metrics_dp_ranks`` returned ranks and
         before the first request. ``publisher.publish`` may be called from any thread.

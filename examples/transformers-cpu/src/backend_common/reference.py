@@ -34,8 +34,7 @@ from .context import GenerateContext
 from .disagg import enforce_prefill_max_tokens, require_prefill_result
 from .engine import LLMEngine
 from .guard import RequestGuard
-from .kv_events import KvEventPublisher, PushSource, ZmqSource
-from .publisher import ComponentSnapshot, SnapshotPublisher
+from .kv_events import ComponentSnapshot, KvEventPublisher, PushSource, SnapshotPublisher, ZmqSource
 from .types import LLMEngineOutput, PreprocessedRequest, chunk, usage
 
 __all__ = ["ReferenceEngine"]

@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 U32_MAX = 2**32 - 1
+# The largest unsigned 64-bit wire integer: instance ids, KV block hashes (taken modulo 2**64).
+U64_MAX = 2**64 - 1
 
 # Integer and bool wire fields are strict, like Dynamo's serde types: "1", 1.0, true
 # or -1 for a token id is a client error (ValidationError -> InvalidArgument), not a

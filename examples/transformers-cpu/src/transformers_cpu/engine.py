@@ -39,7 +39,7 @@ from backend_common import (
     usage,
 )
 from backend_common.errors import engine_shutdown, invalid_arg
-from backend_common.publisher import ComponentSnapshot, SnapshotPublisher
+from backend_common.kv_events import ComponentSnapshot, SnapshotPublisher
 from prometheus_client import CollectorRegistry
 
 from .hf import metrics

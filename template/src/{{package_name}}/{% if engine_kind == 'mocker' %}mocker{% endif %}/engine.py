@@ -55,8 +55,12 @@ from backend_common import (
 )
 from backend_common.disagg import enforce_prefill_max_tokens, require_prefill_result
 from backend_common.errors import engine_shutdown, invalid_arg
-from backend_common.kv_events import KvEventPublisher, PushSource
-from backend_common.publisher import ComponentSnapshot, SnapshotPublisher
+from backend_common.kv_events import (
+    ComponentSnapshot,
+    KvEventPublisher,
+    PushSource,
+    SnapshotPublisher,
+)
 from prometheus_client import CollectorRegistry, Gauge
 
 from . import metrics

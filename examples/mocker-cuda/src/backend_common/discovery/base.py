@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import invalid_arg
+from ..types import U64_MAX
 
 __all__ = [
     "INSTANCES_BUCKET",
@@ -64,8 +65,6 @@ INSTANCES_BUCKET = "v1/instances"
 MDC_BUCKET = "v1/mdc"
 
 ReregisteredHook = Callable[[int], Awaitable[None]]
-
-U64_MAX = (1 << 64) - 1
 
 
 def _check_id(instance_id: int) -> int:

@@ -78,14 +78,14 @@ from ..discovery.base import (
 )
 from ..engine import LLMEngine
 from ..errors import from_exception
-from ..kv_events import EventPlane
 from ..transport.plane import RequestPlane, request_plane_for
 from ..types import FinishReason, PreprocessedRequest
 from .adapter import EngineAdapter
 from .canary import IdleCanary
 from .engine_metrics import scrape_registry
 from .health import resolve_health_check_payload
-from .kv_routing import setup_kv_routing
+from .kv_events.plane import EventPlane
+from .kv_events.routing import setup_kv_routing
 from .metrics import WorkerMetrics
 from .modelcard import build_model_card
 from .status import StatusServer
