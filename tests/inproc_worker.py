@@ -45,13 +45,13 @@ async def running_worker(
     worker = Worker(engine, config)
     task = asyncio.get_running_loop().create_task(worker.run())
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not (worker._accepting and worker._status is not None):
+    while not (worker.lifecycle.serving and worker._services.status is not None):
         if task.done():
             raise AssertionError(f"worker exited during startup with {task.result()}")
         assert time.monotonic() < deadline, "worker did not start serving in time"
         await asyncio.sleep(0.02)
     try:
-        yield worker, worker._status.base_url
+        yield worker, worker._services.status.base_url
     finally:
         worker.request_shutdown()
         try:

@@ -99,7 +99,7 @@ async def test_invalid_operator_payload_falls_back_to_the_engine(
         worker,
         _base,
     ):
-        assert worker._health_payload == engine_payload
+        assert worker.health.payload == engine_payload
     # An override built in code that is not an object: a warning, then the engine's payload.
     override = ["not", "an", "object"]
     assert await resolve_health_check_payload(override, CanaryEngine()) == engine_payload  # type: ignore[arg-type]
@@ -171,7 +171,7 @@ async def test_no_canary_means_healthy_while_serving(monkeypatch, tmp_path, payl
 async def test_idle_canary_runs_only_while_no_request_arrives() -> None:
     import time
 
-    from backend_common.runtime.canary import IdleCanary
+    from backend_common.runtime.health import IdleCanary
 
     probes: list[float] = []
     activity = [0.0]

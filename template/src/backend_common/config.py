@@ -189,4 +189,19 @@ class WorkerConfig:
 
     @property
     def public_name(self) -> str:
-        return self.served_model_name or self.model_name
+        """The name clients use, as known before the engine started (``display_name()``)."""
+        return self.display_name()
+
+    def display_name(self, engine: EngineConfig | None = None) -> str:
+        """The name clients use for the model: the one rule, with or without the engine's view.
+
+        First set of: ``served_model_name``, the engine's ``served_model_name``,
+        ``model_name``, the engine's ``model``. The model card's ``display_name``, the
+        worker's metric label and its "Serving" line all use it.
+        """
+        return (
+            self.served_model_name
+            or (engine.served_model_name if engine is not None else None)
+            or self.model_name
+            or (engine.model if engine is not None else "")
+        )

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "HEALTH_CHECK_KEY",
     "BootstrapInfo",
     "FinishReason",
     "GuidedDecodingOptions",
@@ -33,6 +34,7 @@ __all__ = [
     "SamplingOptions",
     "StopConditions",
     "chunk",
+    "mark_as_probe",
     "usage",
 ]
 
@@ -168,6 +170,7 @@ class PreprocessedRequest(_Lenient):
     # Dynamo rejects a non-object encoder_result at deserialisation; so do we.
     encoder_result: dict[str, Any] | None = None
     extra_args: Any = None
+    # The canary marker's wire name is written here only (``HEALTH_CHECK_KEY``).
     is_probe: StrictBool = Field(default=False, alias="_HEALTH_CHECK")
 
     @classmethod
@@ -416,3 +419,16 @@ class chunk:  # noqa: N801 - mirrors Dynamo's `chunk::token(id)` helper
     @staticmethod
     def tokens(token_ids: list[int]) -> LLMEngineOutput:
         return LLMEngineOutput(list(token_ids))
+
+
+# The request field that marks a health canary (``PreprocessedRequest.is_probe``).
+HEALTH_CHECK_KEY = str(PreprocessedRequest.model_fields["is_probe"].alias)
+
+
+def mark_as_probe(payload: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the request body ``payload`` marked as a health canary (``is_probe``).
+
+    The one place the marker is written: the operator's payload (``args.py``) and the
+    worker's resolved canary payload (``runtime/health.py``) both go through it.
+    """
+    return {**payload, HEALTH_CHECK_KEY: True}

@@ -34,6 +34,7 @@ from .config import (
 )
 from .errors import invalid_arg
 from .flags import add_deprecated_alias, add_flag, adopt_engine_flag, setting_value, watch_parser
+from .types import mark_as_probe
 
 __all__ = [
     "SETTINGS",
@@ -65,8 +66,7 @@ def parse_health_check_payload(value: str | None) -> dict[str, Any] | None:
     if not isinstance(payload, dict):
         log.warning("health check payload: value must be a JSON object; ignored")
         return None
-    payload["_HEALTH_CHECK"] = True
-    return payload
+    return mark_as_probe(payload)
 
 
 def _json_object(value: str | dict[str, Any] | None) -> dict[str, Any] | None:

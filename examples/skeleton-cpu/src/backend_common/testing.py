@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from .context import GenerateContext
 from .engine import LLMEngine
+from .streams import close_stream
 from .types import FinishReason, LLMEngineOutput, PreprocessedRequest, StopConditions
 from .validate import S1_MESSAGE, ContractViolation, validated
 
@@ -250,9 +251,7 @@ async def _check_cancellation(engine: LLMEngine, model: str) -> None:
         except Exception as exc:  # noqa: BLE001
             out.error = exc
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_stream(stream)
 
     try:
         await asyncio.wait_for(consume(), CANCEL_DEADLINE_S)

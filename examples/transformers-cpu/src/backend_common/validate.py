@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from .config import DisaggregationMode
+from .streams import close_stream
 from .types import FinishReason, LLMEngineOutput
 
 __all__ = ["ContractViolation", "maybe_validated", "validated"]
@@ -72,9 +73,7 @@ async def validated(
                 raise ContractViolation(S1_MESSAGE) from exc
             raise ContractViolation(S1_MESSAGE)
     finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await close_stream(stream)
 
 
 def maybe_validated(

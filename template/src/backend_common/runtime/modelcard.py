@@ -244,72 +244,103 @@ def build_model_card(
     """Build the card for this worker. See the module docstring for the rules."""
     if not engine_config.model:
         raise invalid_arg("EngineConfig.model must be non-empty")
-    mode = config.disaggregation_mode
-    display_name = (
-        config.served_model_name
-        or engine_config.served_model_name
-        or config.model_name
-        or engine_config.model
-    )
+    display_name = config.display_name(engine_config)
     slug = slugify(display_name)
     prefix = metadata_prefix(config.namespace, config.component, config.endpoint, slug)
     model_dir = _model_dir(config)
-    worker_type, needs = topology(mode)
-    files: dict[str, Path] = {}
-
-    def cf(name: str, path: Path) -> dict[str, Any]:
-        files[name] = path
-        url = f"{base_url.rstrip('/')}{prefix}/{quote(name)}" if base_url else None
-        return checked_file(path, url)
-
-    hf_config: dict[str, Any] = {}
+    files = _CardFiles(base_url, prefix)
     card: dict[str, Any] = {
         "display_name": display_name,
         "slug": slug,
         "source_path": str(model_dir) if model_dir else (config.model_name or engine_config.model),
     }
-    if model_dir is not None:
-        missing = [n for n in REQUIRED_FILES if not (model_dir / n).is_file()]
-        if missing:
-            raise invalid_arg(
-                f"model directory {model_dir} lacks {', '.join(missing)}; the frontend needs "
-                f"{', '.join(REQUIRED_FILES)} to tokenize and template requests"
-            )
-        hf_config = _read_json(model_dir / "config.json")
-        card["model_info"] = {"hf_config_json": cf("config.json", model_dir / "config.json")}
-        card["tokenizer"] = {
-            "hf_tokenizer_json": cf("tokenizer.json", model_dir / "tokenizer.json")
-        }
-        card["prompt_formatter"] = {
-            "hf_tokenizer_config_json": cf(
-                "tokenizer_config.json", model_dir / "tokenizer_config.json"
-            )
-        }
-        if (model_dir / GENERATION_CONFIG).is_file():
-            card["gen_config"] = {
-                "hf_generation_config_json": cf(GENERATION_CONFIG, model_dir / GENERATION_CONFIG)
-            }
-    template: Path | None = None
-    is_custom = False
-    if config.custom_jinja_template:
-        template = Path(config.custom_jinja_template).expanduser().absolute()
-        if not template.is_file():
-            raise invalid_arg(f"custom chat template {config.custom_jinja_template!r} not found")
-        is_custom = True
-    elif model_dir is not None and (model_dir / CHAT_TEMPLATE).is_file():
-        template = model_dir / CHAT_TEMPLATE
+    hf_config = _add_model_files(card, model_dir, files) if model_dir is not None else {}
+    template = _chat_template(config, model_dir)
     if template is not None:
+        path, is_custom = template
         card["chat_template_file"] = {
-            "hf_chat_template": {"is_custom": is_custom, "file": cf(CHAT_TEMPLATE, template)}
+            "hf_chat_template": {"is_custom": is_custom, "file": files.add(CHAT_TEMPLATE, path)}
         }
-
     arch_max = hf_config.get("max_position_embeddings")
     arch_max = arch_max if isinstance(arch_max, int) and arch_max > 0 else None
     context_length = engine_config.context_length or arch_max or 0
     if arch_max is not None:
         card["architectural_max_context_length"] = arch_max
+    worker_type, needs = topology(config.disaggregation_mode)
+    card.update(
+        {
+            "context_length": context_length,
+            "kv_cache_block_size": engine_config.kv_cache_block_size or DEFAULT_KV_BLOCK_SIZE,
+            "migration_limit": config.migration_limit,
+            "model_type": model_type_for(config),
+            "model_input": "Tokens",
+            "worker_type": worker_type,
+            "needs": needs,
+            "runtime_config": _runtime_config(config, engine_config, context_length),
+            "media_decoder": None,
+            "media_fetcher": None,
+        }
+    )
+    if model_dir is not None and (model_dir / SPECIAL_TOKENS_MAP).is_file():
+        card["extra_files"] = [files.add(SPECIAL_TOKENS_MAP, model_dir / SPECIAL_TOKENS_MAP)]
+    return ModelCard(card=card, files=files.served, files_prefix=prefix)
+
+
+class _CardFiles:
+    """The card's CheckedFile entries and the files the status server must serve for them."""
+
+    def __init__(self, base_url: str | None, prefix: str) -> None:
+        self._base = f"{base_url.rstrip('/')}{prefix}" if base_url else None
+        self.served: dict[str, Path] = {}
+
+    def add(self, name: str, path: Path) -> dict[str, Any]:
+        self.served[name] = path
+        return checked_file(path, f"{self._base}/{quote(name)}" if self._base else None)
+
+
+def _add_model_files(card: dict[str, Any], model_dir: Path, files: _CardFiles) -> dict[str, Any]:
+    """The model directory's config, tokenizer and generation config; returns the HF config."""
+    missing = [n for n in REQUIRED_FILES if not (model_dir / n).is_file()]
+    if missing:
+        raise invalid_arg(
+            f"model directory {model_dir} lacks {', '.join(missing)}; the frontend needs "
+            f"{', '.join(REQUIRED_FILES)} to tokenize and template requests"
+        )
+    card["model_info"] = {"hf_config_json": files.add("config.json", model_dir / "config.json")}
+    card["tokenizer"] = {
+        "hf_tokenizer_json": files.add("tokenizer.json", model_dir / "tokenizer.json")
+    }
+    card["prompt_formatter"] = {
+        "hf_tokenizer_config_json": files.add(
+            "tokenizer_config.json", model_dir / "tokenizer_config.json"
+        )
+    }
+    if (model_dir / GENERATION_CONFIG).is_file():
+        card["gen_config"] = {
+            "hf_generation_config_json": files.add(GENERATION_CONFIG, model_dir / GENERATION_CONFIG)
+        }
+    return _read_json(model_dir / "config.json")
+
+
+def _chat_template(config: WorkerConfig, model_dir: Path | None) -> tuple[Path, bool] | None:
+    """``(path, is_custom)`` of the chat template: ``--custom-jinja-template``, else the
+    model directory's ``chat_template.jinja``, else none."""
+    if config.custom_jinja_template:
+        template = Path(config.custom_jinja_template).expanduser().absolute()
+        if not template.is_file():
+            raise invalid_arg(f"custom chat template {config.custom_jinja_template!r} not found")
+        return template, True
+    if model_dir is not None and (model_dir / CHAT_TEMPLATE).is_file():
+        return model_dir / CHAT_TEMPLATE, False
+    return None
+
+
+def _runtime_config(
+    config: WorkerConfig, engine_config: EngineConfig, context_length: int
+) -> dict[str, Any]:
+    """The card's ``runtime_config``: serving limits, parsers, structural tags, DP ranks."""
     st = _structural_tag(config)
-    local_indexer = config.enable_local_indexer and mode not in (
+    local_indexer = config.enable_local_indexer and config.disaggregation_mode not in (
         DisaggregationMode.DECODE,
         DisaggregationMode.ENCODE,
     )
@@ -333,20 +364,4 @@ def build_model_card(
     }
     if engine_config.runtime_data:
         runtime_config["runtime_data"] = dict(engine_config.runtime_data)
-    card.update(
-        {
-            "context_length": context_length,
-            "kv_cache_block_size": engine_config.kv_cache_block_size or DEFAULT_KV_BLOCK_SIZE,
-            "migration_limit": config.migration_limit,
-            "model_type": model_type_for(config),
-            "model_input": "Tokens",
-            "worker_type": worker_type,
-            "needs": needs,
-            "runtime_config": runtime_config,
-            "media_decoder": None,
-            "media_fetcher": None,
-        }
-    )
-    if model_dir is not None and (model_dir / SPECIAL_TOKENS_MAP).is_file():
-        card["extra_files"] = [cf(SPECIAL_TOKENS_MAP, model_dir / SPECIAL_TOKENS_MAP)]
-    return ModelCard(card=card, files=files, files_prefix=prefix)
+    return runtime_config

@@ -44,6 +44,7 @@ from ..spans import (
     start_span,
     tracer,
 )
+from ..streams import close_stream
 from ..types import LLMEngineOutput, PreprocessedRequest
 
 __all__ = [
@@ -164,9 +165,7 @@ class GenerateTracer:
             try:
                 # Close the engine's generator here, inside the span, so its cleanup runs now
                 # (the adapter closes only the outermost stream).
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                await close_stream(stream)
             finally:
                 otel_context.detach(token)
                 span.end()

@@ -6,6 +6,8 @@ docs/architecture.md#lifecycle and docs/architecture.md#shutdown-sequence.
 ``Worker(engine, config).run()`` is the whole life of a backend process, in
 the order Dynamo's workers follow:
 
+The phase (``lifecycle.Phase``) says where it is; a second signal sets ``forced``.
+
 startup
     signal handlers -> connect discovery -> ``engine.start(worker_id)`` ->
     ``setup_metrics`` -> KV routing hooks -> health canary payload -> adapter ->
@@ -35,6 +37,8 @@ shutdown (SIGTERM/SIGINT, first signal)
        never a cut socket;
     6. admission closed, ``engine.cleanup()`` exactly once; transports closed;
        exit 0.
+    Each is a named step (``Worker._shutdown_steps``); the deadline message names the step
+    that was running.
 
 ``cleanup()`` runs exactly once if ``start()`` was called, also when it raised
 or when registration failed; never when the process stopped before ``start``.
@@ -57,13 +61,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import EngineConfig, WorkerConfig
@@ -79,13 +84,12 @@ from ..discovery.base import (
 from ..engine import LLMEngine
 from ..errors import from_exception
 from ..transport.plane import RequestPlane, request_plane_for
-from ..types import FinishReason, PreprocessedRequest
 from .adapter import EngineAdapter
-from .canary import IdleCanary
 from .engine_metrics import scrape_registry
-from .health import resolve_health_check_payload
+from .health import WorkerHealth
 from .kv_events.plane import EventPlane
 from .kv_events.routing import setup_kv_routing
+from .lifecycle import Lifecycle
 from .metrics import WorkerMetrics
 from .modelcard import build_model_card
 from .status import StatusServer
@@ -141,54 +145,59 @@ def _guard_loop_signal_handlers(loop: asyncio.AbstractEventLoop) -> bool:
     return True
 
 
-class State(enum.Enum):
-    INIT = "init"
-    RUNNING = "running"
-    START_FAILED = "start_failed"
-    STOPPED = "stopped"
+Step = tuple[str, Callable[[], Awaitable[None]]]
+
+
+@dataclass
+class _Services:
+    """What the worker connects at start-up and closes at the end, in this order."""
+
+    request_plane: RequestPlane | None = None
+    status: StatusServer | None = None
+    events: EventPlane | None = None
+    discovery: Discovery | None = None
+
+    async def close(self) -> None:
+        for service in (self.request_plane, self.status, self.events, self.discovery):
+            if service is None:
+                continue
+            try:
+                await asyncio.wait_for(service.close(), 5.0)
+            except Exception:  # noqa: BLE001
+                log.debug("closing a transport failed", exc_info=True)
 
 
 class Worker:
+    """One backend process's life: ``run()`` once. See the module docstring."""
+
     def __init__(self, engine: LLMEngine, config: WorkerConfig) -> None:
         self.engine = engine
         self.config = config
-        self.state = State.INIT
-        self.cleanup_calls = 0
+        self.lifecycle = Lifecycle()
+        self.health = WorkerHealth(engine, config)
         self.instance_id = 0
         self.engine_config: EngineConfig | None = None
         self.metrics: WorkerMetrics | None = None
         self.adapter: EngineAdapter | None = None
-        self._shutdown = asyncio.Event()
-        self._signals = 0
-        # True from "Serving" on (health, tests); admission does not depend on it.
-        self._accepting = False
-        # Set just before engine.cleanup(): the only time the worker refuses a request. Admission
-        # is open from the moment the request plane listens, before the records go out, because
-        # the frontend routes here as soon as it sees them and does not retry a refusal.
-        self._admission_closed = False
-        # Set when shutdown starts: health says "notready"; a lost lease is not re-registered.
-        self._draining = False
-        self._last_admit = 0.0
-        self._discovery: Discovery | None = None
-        self._plane: RequestPlane | None = None
-        self._status: StatusServer | None = None
+        self._services = _Services()
         self._card: dict[str, Any] | None = None
-        self._health_payload: dict[str, Any] | None = None
-        self._events: EventPlane | None = None
-        # What shutdown is waiting for right now (logged if the deadline passes).
-        self._stage = "startup"
+        # Monotonic time of the latest admitted request: the idle canary and the quiet wait.
+        self._last_admit = 0.0
+        # The step running now (the shutdown deadline's message names it).
+        self._step = "startup"
+        # Armed by the first shutdown signal.
         self._deadline_timer: threading.Timer | None = None
-        self._idle_canary: IdleCanary | None = None
+        self._drain_started: float | None = None  # for the drain-time metric
 
     # -- public --------------------------------------------------------------------
     def request_shutdown(self) -> None:
-        self._signals += 1
-        if self._signals == 1:
+        if self._deadline_timer is None:
             log.info("shutdown requested; running graceful shutdown")
             self._arm_deadline()
+            self.lifecycle.request_stop()
         else:
             log.warning("second shutdown signal: skipping the remaining waits")
-        self._shutdown.set()
+            self.lifecycle.forced = True
 
     async def run(self) -> int:
         """Run until shut down; return the process exit code."""
@@ -198,11 +207,13 @@ class Worker:
         try:
             return await self._run()
         finally:
-            if self._idle_canary is not None:
-                await self._idle_canary.close()
-            await self._cleanup_once()
-            self._stage = "closing transports"
-            await self._close_transports()
+            await self._walk(
+                [
+                    ("the idle canary", self.health.stop_idle_canary),
+                    ("engine.cleanup()", self._cleanup_once),
+                    ("closing transports", self._services.close),
+                ]
+            )
             if guarded:
                 with contextlib.suppress(AttributeError):
                     del loop.add_signal_handler  # the loop's own method again
@@ -221,6 +232,12 @@ class Worker:
                 add(loop, sig, self.request_shutdown)
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
+
+    async def _walk(self, steps: list[Step]) -> None:
+        """Run ``steps`` in order; each one's name is the current step while it runs."""
+        for name, step in steps:
+            self._step = name
+            await step()
 
     # -- shutdown deadline -----------------------------------------------------------------
     def shutdown_deadline(self) -> float:
@@ -245,8 +262,11 @@ class Worker:
     def _deadline_passed(self, deadline: float) -> None:
         """Runs on the timer thread, so that an event loop blocked in engine code cannot
         hold the process: log what shutdown was waiting for, then exit at once."""
+        waiting_for = self._step
+        if self.adapter is not None and self.adapter.active:
+            waiting_for += f" ({len(self.adapter.active)} stream(s) in flight)"
         message = (
-            f"Graceful shutdown exceeded {deadline:.1f}s while waiting for {self._stage}; "
+            f"Graceful shutdown exceeded {deadline:.1f}s while waiting for {waiting_for}; "
             f"force-exiting with code {SHUTDOWN_DEADLINE_EXIT_CODE}"
         )
         log.error(message)
@@ -258,38 +278,34 @@ class Worker:
 
     # -- startup ---------------------------------------------------------------------
     async def _run(self) -> int:
-        cfg = self.config
         try:
-            self._discovery = create_discovery(cfg)
-            await self._discovery.connect()
+            await self._walk([("discovery", self._connect_discovery)])
         except Exception as exc:  # noqa: BLE001
             return self._fatal("discovery", exc)
-        self.instance_id = self._discovery.instance_id
-        if self._shutdown.is_set():
+        if not self.lifecycle.begin_start():
             log.info("Shutdown signal observed before engine.start(); exiting cleanly")
             return 0
 
         started = time.monotonic()
-        self._stage = "engine.start()"
         try:
-            self.engine_config = await self.engine.start(self.instance_id)
-            self.state = State.RUNNING
+            await self._walk([("engine.start()", self._start_engine)])
         except Exception as exc:  # noqa: BLE001
-            self.state = State.START_FAILED
+            self.lifecycle.start_failed()
             return self._fatal("engine.start", exc)
         load_time = time.monotonic() - started
         # An engine may have replaced the worker's handlers with signal.signal: take them back.
         self._install_signal_handlers(asyncio.get_running_loop())
-        if self._shutdown.is_set():
+        if self.lifecycle.leaving:
             # Never register a worker that is already leaving; cleanup runs once in run().
             log.info("Shutdown signal observed during engine.start(); not registering")
             return 0
-        self._stage = "startup"
+        assert self.engine_config is not None
         if not self.engine_config.model:
             return self._fatal("engine.start", ValueError("EngineConfig.model is empty"))
         log.info("engine started in %.2fs", load_time)
 
         try:
+            self._step = "startup"
             await self._setup_observability(load_time)
             self.adapter = self._build_adapter()
             await self._start_request_plane()
@@ -297,36 +313,29 @@ class Worker:
         except Exception as exc:  # noqa: BLE001
             return self._fatal("startup", exc)
 
-        self._accepting = True
-        log.info(
-            "Serving %s on %s.%s.%s (instance %x)",
-            self._public_name(),
-            cfg.namespace,
-            cfg.component,
-            cfg.endpoint,
-            self.instance_id,
-        )
-        if cfg.health_check_enabled and self._health_payload is not None:
-            self._idle_canary = IdleCanary(
-                self._run_canary,
-                lambda: self._last_admit,
-                wait_s=cfg.canary_wait_time,
-                timeout_s=cfg.health_check_request_timeout,
+        if self.lifecycle.begin_serving():
+            cfg = self.config
+            log.info(
+                "Serving %s on %s.%s.%s (instance %x)",
+                cfg.display_name(self.engine_config),
+                cfg.namespace,
+                cfg.component,
+                cfg.endpoint,
+                self.instance_id,
             )
-            self._idle_canary.start()
-        self._stage = "a shutdown signal"
-        await self._shutdown.wait()
-        await self._graceful_shutdown()
+            self.health.start_idle_canary(lambda: self._last_admit)
+        self._step = "a shutdown signal"
+        await self.lifecycle.wait_leaving()
+        await self._walk(self._shutdown_steps())
         return 0
 
-    def _public_name(self) -> str:
-        ec = self.engine_config
-        return (
-            self.config.served_model_name
-            or (ec.served_model_name if ec else None)
-            or self.config.model_name
-            or (ec.model if ec else "")
-        )
+    async def _connect_discovery(self) -> None:
+        discovery = self._services.discovery = create_discovery(self.config)
+        await discovery.connect()
+        self.instance_id = discovery.instance_id
+
+    async def _start_engine(self) -> None:
+        self.engine_config = await self.engine.start(self.instance_id)
 
     def _fatal(self, stage: str, exc: BaseException) -> int:
         err = from_exception(exc)
@@ -343,19 +352,17 @@ class Worker:
             component=cfg.component,
             endpoint=cfg.endpoint,
             model=ec.model,
-            model_name=self._public_name(),
+            model_name=cfg.display_name(ec),
             worker_id=self.instance_id,
             extra_labels=cfg.metrics_labels,
         )
         self.metrics.set_model_load_time(load_time)
         await self.engine.setup_metrics(self.metrics.registry)
         if cfg.enable_kv_routing:
-            self._events = await setup_kv_routing(
+            self._services.events = await setup_kv_routing(
                 self.engine, cfg, ec, self.instance_id, self.metrics.registry, self.metrics.labels
             )
-        self._health_payload = await resolve_health_check_payload(
-            cfg.health_check_payload, self.engine
-        )
+        await self.health.resolve()
 
     def _build_adapter(self) -> EngineAdapter:
         cfg, ec = self.config, self.engine_config
@@ -379,12 +386,12 @@ class Worker:
     async def _start_request_plane(self) -> None:
         cfg = self.config
         assert self.adapter is not None
-        self._plane = request_plane_for(
+        plane = self._services.request_plane = request_plane_for(
             cfg, admit=self._admission_refusal, handle=self.adapter.handle
         )
-        await self._plane.start(self.instance_id)
+        await plane.start(self.instance_id)
         if cfg.system_port is not None:
-            self._status = StatusServer(
+            status = self._services.status = StatusServer(
                 cfg.system_host,
                 cfg.system_port,
                 registry=(
@@ -396,18 +403,22 @@ class Worker:
                     if self.metrics
                     else None
                 ),
-                health=self._health,
+                health=self._health_report,
             )
-            await self._status.start()
+            await status.start()
+
+    async def _health_report(self) -> tuple[bool, dict[str, Any]]:
+        """``/health``: ready only while serving (registered, not draining); see ``health``."""
+        return await self.health.report(self.lifecycle.serving, self.lifecycle.phase.value)
 
     # -- registration ------------------------------------------------------------------
     def _records(self, instance_id: int) -> list[tuple[str, dict[str, Any]]]:
         cfg = self.config
         ns, comp, ep = cfg.namespace, cfg.component, cfg.endpoint
-        assert self._plane is not None and self._card is not None
-        events = self._events.records(instance_id) if self._events is not None else []
+        plane, events = self._services.request_plane, self._services.events
+        assert plane is not None and self._card is not None
         return [
-            *events,
+            *(events.records(instance_id) if events is not None else []),
             (
                 model_key(ns, comp, ep, instance_id),
                 model_record(ns, comp, ep, instance_id, self._card),
@@ -419,7 +430,7 @@ class Worker:
                     comp,
                     ep,
                     instance_id,
-                    self._plane.transport(instance_id),
+                    plane.transport(instance_id),
                     device_type=None,
                     # The frontend encodes request bodies (and we encode response items) with
                     # the codec the Endpoint record advertises: JSON by default.
@@ -429,27 +440,29 @@ class Worker:
         ]
 
     async def _register(self) -> None:
-        assert self._discovery is not None and self.engine_config is not None
-        base_url = self._status.base_url if self._status is not None else None
+        discovery, status = self._services.discovery, self._services.status
+        assert discovery is not None and self.engine_config is not None
+        base_url = status.base_url if status is not None else None
         card = build_model_card(self.config, self.engine_config, base_url=base_url)
         self._card = card.card
-        if self._status is not None:
-            self._status.set_files(card.files_prefix, card.files)
-        self._discovery.on_reregistered = self._reregister
+        if status is not None:
+            status.set_files(card.files_prefix, card.files)
+        discovery.on_reregistered = self._reregister
         for key, value in self._records(self.instance_id):
-            await self._discovery.put(key, value)
+            await discovery.put(key, value)
 
     async def _reregister(self, new_id: int) -> None:
-        if self._draining:
+        if self.lifecycle.leaving:
             # Leaving anyway: re-registering would make the frontend route here again.
             log.warning("discovery lease was lost during shutdown; not re-registering")
             return
         log.warning("discovery lease was lost; re-registering as instance %x", new_id)
         self.instance_id = new_id
-        assert self._discovery is not None and self._plane is not None
-        await self._plane.serve_instance(new_id)
+        discovery, plane = self._services.discovery, self._services.request_plane
+        assert discovery is not None and plane is not None
+        await plane.serve_instance(new_id)
         for key, value in self._records(new_id):
-            await self._discovery.put(key, value)
+            await discovery.put(key, value)
 
     # -- admission --------------------------------------------------------------------
     # Open from the request plane's start until just before engine.cleanup(), shutdown included:
@@ -461,72 +474,13 @@ class Worker:
 
         Called by the request plane once per request, before its ACK; never blocks.
         """
-        if self._admission_closed:
+        if not self.lifecycle.admitting:
             return "Server unavailable: worker is shutting down"
         self._last_admit = time.monotonic()
         return None
 
-    # -- health -------------------------------------------------------------------------
-    async def _health(self) -> tuple[bool, dict[str, Any]]:
-        if self.state is not State.RUNNING or self._draining or not self._accepting:
-            return False, {"status": "notready", "state": self.state.value}
-        if self._health_payload is None:
-            return True, {"status": "healthy", "canary": "disabled"}
-        if self._idle_canary is not None:
-            # The canary runs by itself on an idle worker; report its latest result.
-            last = self._idle_canary.last
-            if last is None:
-                return True, {"status": "healthy", "canary": "not run yet"}
-            age = time.monotonic() - last.at
-            body = {"canary": last.detail, "canary_age_s": round(age, 3)}
-            return last.ok, {"status": "healthy" if last.ok else "unhealthy", **body}
-        ok, detail = await self._run_canary(self.config.health_check_request_timeout)
-        return ok, {"status": "healthy" if ok else "unhealthy", "canary": detail}
-
-    async def _run_canary(self, timeout: float) -> tuple[bool, str]:  # noqa: ASYNC109
-        from ..context import GenerateContext
-
-        try:
-            request = PreprocessedRequest.from_dict(dict(self._health_payload or {}))
-        except Exception as exc:  # noqa: BLE001
-            return False, f"invalid canary payload: {exc}"
-        ctx = GenerateContext()
-
-        async def one() -> tuple[bool, str]:
-            stream = self.engine.generate(request, ctx)
-            try:
-                async for item in stream:
-                    if item.finish_reason is FinishReason.ERROR:
-                        return False, f"error terminal: {item.error_message}"
-                    if item.finish_reason is not None:
-                        return True, "ok"
-                return False, "stream ended without a terminal"
-            finally:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-
-        try:
-            return await asyncio.wait_for(one(), timeout)
-        except TimeoutError:
-            ctx.stop_generating()
-            return False, f"timed out after {timeout:g}s"
-        except Exception as exc:  # noqa: BLE001
-            return False, str(from_exception(exc))
-
     # -- shutdown -------------------------------------------------------------------------
-    def _shutdown_forced(self) -> bool:
-        return self._signals > 1
-
-    async def _sleep_unless_forced(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while not self._shutdown_forced():
-            left = end - time.monotonic()
-            if left <= 0:
-                return
-            await asyncio.sleep(min(left, 0.05))
-
-    async def _graceful_shutdown(self) -> None:
+    def _shutdown_steps(self) -> list[Step]:
         """Leave in two steps, serve everything that arrives, drain, then close admission.
 
         Why this order (measured with the 1.6.1 frontend, default flags;
@@ -535,57 +489,82 @@ class Worker:
         its requests; when the Endpoint record goes, it fails every request of that instance
         whose response stream is still connecting (HTTP 503). Withdrawing the Model record first
         and the Endpoint record only once requests stopped arriving leaves nothing to fail.
+        ``run`` then cleans up the engine and closes the transports.
         """
-        timeout = self.config.graceful_shutdown_timeout
-        grace = self.config.graceful_shutdown_grace_period
-        assert self._discovery is not None
-        self._draining = True
-        if self._idle_canary is not None:
-            await self._idle_canary.close()
-        self._stage = "discovery withdrawal"
-        await self._withdraw(self._discovery, models_only=True)
-        log.info("Model withdrawn from discovery; serving requests that raced it for %.2fs", grace)
-        self._stage = "the grace period"
-        await self._sleep_unless_forced(max(grace, WITHDRAW_GAP_S))
+        return [
+            ("the idle canary", self.health.stop_idle_canary),
+            ("discovery withdrawal", self._withdraw_models),
+            ("the grace period", self._grace_period),
+            ("discovery withdrawal", self._withdraw_all),
+            ("engine.drain()", self._drain_engine),
+            ("in-flight streams", self._wait_for_streams),
+            ("cancelled streams", self._cancel_streams),
+        ]
+
+    async def _sleep_unless_forced(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self.lifecycle.forced:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, 0.05))
+
+    async def _withdraw_models(self) -> None:
+        await self._withdraw(models_only=True)
+        log.info(
+            "Model withdrawn from discovery; serving requests that raced it for %.2fs",
+            self.config.graceful_shutdown_grace_period,
+        )
+
+    async def _grace_period(self) -> None:
+        await self._sleep_unless_forced(
+            max(self.config.graceful_shutdown_grace_period, WITHDRAW_GAP_S)
+        )
         await self._wait_quiet()
-        self._stage = "discovery withdrawal"
-        await self._withdraw(self._discovery, models_only=False)
+
+    async def _withdraw_all(self) -> None:
+        await self._withdraw(models_only=False)
         log.info("Endpoint unregistered from discovery")
 
-        drain_started = time.monotonic()
-        self._stage = "engine.drain()"
+    async def _drain_engine(self) -> None:
+        self._drain_started = time.monotonic()
         try:
-            await asyncio.wait_for(self.engine.drain(), max(timeout, 0.1))
+            await asyncio.wait_for(
+                self.engine.drain(), max(self.config.graceful_shutdown_timeout, 0.1)
+            )
         except Exception:  # noqa: BLE001
             log.warning("engine.drain() failed; continuing shutdown", exc_info=True)
-        adapter = self.adapter
-        if adapter is not None and adapter.active:
-            log.info(
-                "waiting for %d in-flight stream(s), up to %.1fs", len(adapter.active), timeout
-            )
-            deadline = time.monotonic() + timeout
-            while adapter.active and not self._shutdown_forced():
-                self._stage = f"{len(adapter.active)} in-flight stream(s)"
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                await adapter.wait_idle(min(left, 0.1))
-        if adapter is not None and adapter.active:
-            n = len(adapter.active)
-            log.warning("cancelling %d stream(s) still running at the deadline", n)
-            # Cancelled streams end with a clean terminal; give them a moment to flush. Cancel
-            # again on every turn so that a request admitted meanwhile ends the same way.
-            flush_end = time.monotonic() + CANCEL_FLUSH_S
-            while adapter.active and time.monotonic() < flush_end:
-                adapter.cancel_all()
-                await adapter.wait_idle(0.1)
-        # The engine is about to be cleaned up: from here on nothing could be served.
-        self._admission_closed = True
-        if self.metrics is not None:
-            self.metrics.set_drain_time(time.monotonic() - drain_started)
 
-    async def _withdraw(self, discovery: Discovery, *, models_only: bool) -> None:
+    async def _wait_for_streams(self) -> None:
+        """Up to ``graceful_shutdown_timeout`` for in-flight streams to end by themselves."""
+        adapter, timeout = self.adapter, self.config.graceful_shutdown_timeout
+        if adapter is None or not adapter.active:
+            return
+        log.info("waiting for %d in-flight stream(s), up to %.1fs", len(adapter.active), timeout)
+        deadline = time.monotonic() + timeout
+        while adapter.active and not self.lifecycle.forced:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await adapter.wait_idle(min(left, 0.1))
+
+    async def _cancel_streams(self) -> None:
+        """Cancel what still runs; cancelled streams end with a clean terminal."""
+        adapter = self.adapter
+        if adapter is None or not adapter.active:
+            return
+        log.warning("cancelling %d stream(s) still running at the deadline", len(adapter.active))
+        # Give them a moment to flush. Cancel again on every turn so that a request admitted
+        # meanwhile ends the same way.
+        flush_end = time.monotonic() + CANCEL_FLUSH_S
+        while adapter.active and time.monotonic() < flush_end:
+            adapter.cancel_all()
+            await adapter.wait_idle(0.1)
+
+    async def _withdraw(self, *, models_only: bool) -> None:
         """Delete this instance's Model records, or (``models_only=False``) every key."""
+        discovery = self._services.discovery
+        assert discovery is not None
         try:
             if models_only:
                 for key in [k for k in discovery.records if k.startswith(MDC_BUCKET + "/")]:
@@ -598,19 +577,21 @@ class Worker:
     async def _wait_quiet(self) -> None:
         """Wait until no request was admitted for ``QUIET_S`` (at most ``QUIET_MAX_WAIT_S``)."""
         end = time.monotonic() + QUIET_MAX_WAIT_S
-        while not self._shutdown_forced() and time.monotonic() < end:
+        while not self.lifecycle.forced and time.monotonic() < end:
             since = time.monotonic() - self._last_admit
             if since >= QUIET_S:
                 return
             await asyncio.sleep(QUIET_S - since)
 
     async def _cleanup_once(self) -> None:
-        if self.state not in (State.RUNNING, State.START_FAILED):
-            self.state = State.STOPPED
+        """Close admission and run ``engine.cleanup()`` if ``start()`` was called; once."""
+        if not self.lifecycle.cleanup_owed:
+            self.lifecycle.stopped()
             return
-        self.state = State.STOPPED
-        self.cleanup_calls += 1
-        self._stage = "engine.cleanup()"
+        # The engine is about to be cleaned up: from here on nothing could be served.
+        self.lifecycle.begin_stopping()
+        if self.metrics is not None and self._drain_started is not None:
+            self.metrics.set_drain_time(time.monotonic() - self._drain_started)
         started = time.monotonic()
         try:
             await self.engine.cleanup()
@@ -619,17 +600,4 @@ class Worker:
             log.error("engine cleanup failed", exc_info=True)
         if self.metrics is not None:
             self.metrics.set_cleanup_time(time.monotonic() - started)
-
-    async def _close_transports(self) -> None:
-        for closer in (
-            self._plane.close if self._plane else None,
-            self._status.close if self._status else None,
-            self._events.close if self._events else None,
-            self._discovery.close if self._discovery else None,
-        ):
-            if closer is None:
-                continue
-            try:
-                await asyncio.wait_for(closer(), 5.0)
-            except Exception:  # noqa: BLE001
-                log.debug("closing a transport failed", exc_info=True)
+        self.lifecycle.stopped()

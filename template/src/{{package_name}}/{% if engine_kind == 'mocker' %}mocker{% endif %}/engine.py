@@ -61,6 +61,7 @@ from backend_common.kv_events import (
     PushSource,
     SnapshotPublisher,
 )
+from backend_common.types import mark_as_probe
 from prometheus_client import CollectorRegistry, Gauge
 
 from . import metrics
@@ -359,8 +360,7 @@ class MockerEngine(LLMEngine):
         }
         if self.mode is DisaggregationMode.DECODE:
             payload["prefill_result"] = {"disaggregated_params": {}}
-        payload["_HEALTH_CHECK"] = True
-        return payload
+        return mark_as_probe(payload)
 
     async def setup_metrics(self, registry: CollectorRegistry) -> None:
         metrics.register(registry, lambda: self.scheduler)

@@ -8,7 +8,6 @@ live in ``base``. See ``base.Discovery`` for the call contract.
 from __future__ import annotations
 
 from ..config import WorkerConfig
-from ..errors import invalid_arg
 from .base import (
     Discovery,
     ReregisteredHook,
@@ -47,8 +46,7 @@ def create_discovery(config: WorkerConfig) -> Discovery:
         from .etcd import EtcdDiscovery
 
         return EtcdDiscovery.from_options(config.etcd_endpoints, config.etcd)
-    if config.discovery_backend == "file":
-        from .file import FileDiscovery, default_root
+    # WorkerConfig accepts only "etcd" and "file" (it raises for anything else).
+    from .file import FileDiscovery, default_root
 
-        return FileDiscovery(config.file_kv or default_root())
-    raise invalid_arg(f"unknown discovery backend '{config.discovery_backend}'")
+    return FileDiscovery(config.file_kv or default_root())

@@ -4,7 +4,7 @@ Engine code never imports from here; ``backend_common.run`` loads it lazily. Ins
 worker (``worker``) composes discovery (``backend_common.discovery``), a request plane
 (``backend_common.transport``) and these modules:
 
-``runner``          ``run``/``serve``: argv -> engine -> ``Worker(...).run()`` -> exit code
+``runner``          ``run``: argv -> engine -> ``Worker(...).run()`` -> exit code
 ``worker``          start-up, registration, admission, graceful shutdown
 ``adapter``         one accepted request: call home, ``engine.generate``, stream, terminal
 ``request_policy``  request checks before ``generate`` (context length, vocabulary)

@@ -30,7 +30,7 @@ from ..errors import from_exception
 from .log import configure_logging
 from .worker import Worker
 
-__all__ = ["run", "serve"]
+__all__ = ["run"]
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,6 @@ EngineFactory = Callable[
     [list[str] | None],
     tuple[LLMEngine, WorkerConfig] | Awaitable[tuple[LLMEngine, WorkerConfig]],
 ]
-
-
-async def serve(engine: LLMEngine, config: WorkerConfig) -> int:
-    """Run one worker for an already-built engine on the current loop; return its exit code."""
-    return await Worker(engine, config).run()
 
 
 async def _main(
@@ -65,7 +60,7 @@ async def _main(
         logging_jsonl_from_env(),
     ):
         configure_logging(config.log_filter, jsonl=config.logging_jsonl)
-    return await serve(engine, config)
+    return await Worker(engine, config).run()
 
 
 def _asyncio_run(coro: Awaitable[int]) -> int:

@@ -51,6 +51,7 @@ from ..errors import (
     stream_incomplete,
     unknown,
 )
+from ..streams import close_stream
 from ..transport.callhome import CallHome
 from ..transport.codec import WireError
 from ..transport.plane import IncomingRequest
@@ -98,9 +99,7 @@ async def _inactivity_bounded(
                 ) from None
             yield item
     finally:
-        aclose = getattr(it, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await close_stream(it)
 
 
 class ActiveRequest:
@@ -269,91 +268,122 @@ class EngineAdapter:
     async def _stream(
         self, home: CallHome, request: PreprocessedRequest, ctx: GenerateContext
     ) -> bool:
-        """Relay the engine's items; True when the frontend went away before the terminal."""
-        prologue_sent = False
-        terminal = False
-        count = 0
+        """Relay the engine's items; True when the frontend went away before the terminal.
+
+        Every way out of a stream the frontend still reads ends the same: the prologue (once),
+        exactly one terminal (the engine's, or an error item from ``_end_with_error``), then
+        ``home.finish()``. The one exception is an ``InvalidArgument`` raised before any item:
+        a typed prologue (HTTP 400) and nothing else.
+        """
+        progress = _Progress()
         stream = None
         try:
-            stream = maybe_validated(
-                self.engine.generate(request, ctx), self.mode, on=self.validate
-            )
-            if self.stream_timeout:
-                stream = _inactivity_bounded(stream, self.stream_timeout)
-            if self.tracer is not None:
-                stream = self.tracer.wrap(stream, request, ctx)
-            async for item in stream:
-                if not prologue_sent:
-                    home.send_prologue()
-                    prologue_sent = True
-                if item.token_ids and not ctx.first_token_seen:
-                    ctx.notify_first_token()
-                if home.closed:
-                    # The frontend is gone (client disconnect): nothing more can be read.
-                    return not ctx.is_stopped()
-                try:
-                    token_ids = item.plain_token_ids()
-                    if token_ids is not None:
-                        home.send_token_ids(token_ids)
-                    else:
-                        home.send_item({"data": item.to_dict()})
-                except WireError as exc:
-                    # An item the codec cannot encode is the engine's bug, not the client's.
-                    log.error("request %s: cannot encode engine item: %s", ctx.id(), exc)
-                    err = unknown(f"engine produced an unencodable item: {exc}")
-                    home.send_error_item(err.message, err.to_wire())
-                    terminal = True
-                    break
-                if count == 0:
-                    # Later frames coalesce per loop iteration; the first one (the TTFT) goes now.
-                    home.flush()
-                if item.finish_reason is not None:
-                    terminal = True
-                    if item.finish_reason is FinishReason.ERROR:
-                        log.debug("request %s ended with error: %s", ctx.id(), item.error_message)
-                    break
-                count += 1
-                if count % YIELD_EVERY == 0 and home.backlogged:
-                    # The engine did not suspend since the last flush, or the socket is behind:
-                    # apply back-pressure and give other streams (and a `kill`) a turn.
-                    await home.drain()
-                    await asyncio.sleep(0)
+            stream = self._open_stream(request, ctx)
+            gone = await self._relay(home, stream, ctx, progress)
+            if gone is not None:
+                return gone
         except ContractViolation as exc:
             log.error("request %s: %s", ctx.id(), exc)
-            if not prologue_sent:
-                home.send_prologue()
-                prologue_sent = True
-            home.send_error_item(str(exc), unknown(str(exc)).to_wire())
-            terminal = True
+            _end_with_error(home, progress, unknown(str(exc)))
         except Exception as exc:  # noqa: BLE001 - engine errors become typed errors
             err = from_exception(exc)
             if not isinstance(exc, DynamoError):
                 log.warning("request %s: engine raised %s", ctx.id(), err)
-            if not prologue_sent:
-                if err.is_invalid_argument:
-                    home.send_prologue(err.message, typed_error=_typed(err))
-                    return False
-                home.send_prologue()
-                prologue_sent = True
-            home.send_error_item(err.message, err.to_wire())
-            terminal = True
+            if not progress.prologue_sent and err.is_invalid_argument:
+                home.send_prologue(err.message, typed_error=_typed(err))
+                return False
+            _end_with_error(home, progress, err)
         finally:
             if stream is not None:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    try:
-                        await aclose()
-                    except Exception:  # noqa: BLE001
-                        log.debug("closing the engine stream raised", exc_info=True)
+                try:
+                    await close_stream(stream)
+                except Exception:  # noqa: BLE001
+                    log.debug("closing the engine stream raised", exc_info=True)
         if home.closed:
             return False  # the engine's stream had ended: nothing to abort
-        if not prologue_sent:
-            home.send_prologue()
-        if not terminal:
+        if not progress.terminal:
             err = stream_incomplete("engine stream ended without a terminal item")
-            home.send_error_item(err.message, err.to_wire())
+            _end_with_error(home, progress, err)
         await home.finish()
         return False
+
+    def _open_stream(
+        self, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> AsyncIterator[LLMEngineOutput]:
+        """``engine.generate`` wrapped, as configured, by the checker, the bound and the span."""
+        stream = maybe_validated(self.engine.generate(request, ctx), self.mode, on=self.validate)
+        if self.stream_timeout:
+            stream = _inactivity_bounded(stream, self.stream_timeout)
+        if self.tracer is not None:
+            stream = self.tracer.wrap(stream, request, ctx)
+        return stream
+
+    async def _relay(
+        self,
+        home: CallHome,
+        stream: AsyncIterator[LLMEngineOutput],
+        ctx: GenerateContext,
+        progress: _Progress,
+    ) -> bool | None:
+        """Frame each item until the terminal; None when the stream ended (with or without a
+        terminal), else whether the frontend went away before the terminal."""
+        count = 0
+        async for item in stream:
+            if count == 0 and not progress.prologue_sent:
+                home.send_prologue()
+                progress.prologue_sent = True
+            if item.token_ids and not ctx.first_token_seen:
+                ctx.notify_first_token()
+            if home.closed:
+                # The frontend is gone (client disconnect): nothing more can be read.
+                return not ctx.is_stopped()
+            try:
+                token_ids = item.plain_token_ids()
+                if token_ids is not None:
+                    home.send_token_ids(token_ids)
+                else:
+                    home.send_item({"data": item.to_dict()})
+            except WireError as exc:
+                # An item the codec cannot encode is the engine's bug, not the client's.
+                log.error("request %s: cannot encode engine item: %s", ctx.id(), exc)
+                _end_with_error(
+                    home, progress, unknown(f"engine produced an unencodable item: {exc}")
+                )
+                return None
+            if count == 0:
+                # Later frames coalesce per loop iteration; the first one (the TTFT) goes now.
+                home.flush()
+            if item.finish_reason is not None:
+                progress.terminal = True
+                if item.finish_reason is FinishReason.ERROR:
+                    log.debug("request %s ended with error: %s", ctx.id(), item.error_message)
+                return None
+            count += 1
+            if count % YIELD_EVERY == 0 and home.backlogged:
+                # The engine did not suspend since the last flush, or the socket is behind:
+                # apply back-pressure and give other streams (and a `kill`) a turn.
+                await home.drain()
+                await asyncio.sleep(0)
+        return None
+
+
+class _Progress:
+    """What one response stream has sent so far."""
+
+    __slots__ = ("prologue_sent", "terminal")
+
+    def __init__(self) -> None:
+        self.prologue_sent = False
+        self.terminal = False
+
+
+def _end_with_error(home: CallHome, progress: _Progress, err: DynamoError) -> None:
+    """The stream's terminal is ``err``: the prologue first if it is not out yet."""
+    if not progress.prologue_sent:
+        home.send_prologue()
+        progress.prologue_sent = True
+    home.send_error_item(err.message, err.to_wire())
+    progress.terminal = True
 
 
 def _typed(err: DynamoError) -> dict[str, str]:
