@@ -8,6 +8,10 @@
 * Environment: only the configuration module (``args.py``) reads ``os.environ``. ``devstack/``
   is exempt: it is the developer's tool that starts etcd, NATS and the frontend for tests and
   demos (it passes environments to child processes), never part of a worker.
+* The engine-facing ``kv_events`` (descriptors, hashing, publisher interfaces) never imports
+  ``runtime/``, not even lazily: the machinery behind it is ``runtime/kv_events/``.
+* ``docs/architecture.md``'s file index names every module of the runtime (a package's own
+  ``__init__.py`` only at the top level) and nothing that does not exist.
 * Documents: every ``*.md`` reference in the runtime (docstrings, comments, the vendored
   documents' own links) names a file that exists in the runtime and, with ``#anchor``, a
   heading of that file.
@@ -164,6 +168,12 @@ def test_engine_facing_modules_import_runtime_only_for_run_and_lazily() -> None:
     assert bad == []
 
 
+def test_engine_facing_kv_events_never_imports_runtime() -> None:
+    targets = GRAPH[f"{PKG}.kv_events"]
+    assert (f"{PKG}.errors", False) in targets  # the parser sees this module's imports
+    assert [t for t, _ in targets if _area(t) == "runtime"] == []
+
+
 @pytest.mark.parametrize("area", ["transport", "discovery", "devstack"])
 def test_transport_discovery_devstack_never_import_runtime(area: str) -> None:
     bad = [
@@ -181,6 +191,31 @@ def test_only_the_runner_imports_the_worker() -> None:
         m for m, targets in GRAPH.items() if any(t == f"{PKG}.runtime.worker" for t, _ in targets)
     )
     assert importers == [f"{PKG}.runtime.runner"]
+
+
+# -- the file index -----------------------------------------------------------------------
+def _indexed_paths() -> set[str]:
+    """Every path named in the first column of architecture.md's "Key files" table."""
+    text = (RUNTIME / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = text.split("## Key files", 1)[1].split("\n## ", 1)[0]
+    paths: set[str] = set()
+    for line in section.splitlines():
+        cells = line.split("|")
+        if len(cells) > 2 and "`" in cells[1]:
+            paths.update(re.findall(r"`([^`]+)`", cells[1]))
+    return paths
+
+
+def test_the_file_index_lists_every_module() -> None:
+    indexed = _indexed_paths()
+    modules = {
+        p.relative_to(RUNTIME).as_posix()
+        for p in RUNTIME.rglob("*.py")
+        if "__pycache__" not in p.parts and not (p.name == "__init__.py" and p.parent != RUNTIME)
+    }
+    assert len(modules) > 40  # the scan sees the runtime
+    assert sorted(modules - indexed) == []  # a module nobody can find
+    assert sorted(p for p in indexed if not (RUNTIME / p).exists()) == []  # a stale row
 
 
 # -- environment -------------------------------------------------------------------------

@@ -158,7 +158,7 @@ class WorkerConfig:
     # None: the graceful shutdown timeout. Past grace + timeout + cleanup (+ the worker's fixed
     # steps) the process exits with code 124 (runtime/worker.py).
     graceful_shutdown_cleanup_timeout: float | None = None
-    # Health canary (runtime/canary.py): runs by itself on a worker idle for canary_wait_time.
+    # Health canary (runtime/health.py): runs by itself on a worker idle for canary_wait_time.
     health_check_enabled: bool = False
     canary_wait_time: float = 10.0
     health_check_request_timeout: float = 3.0

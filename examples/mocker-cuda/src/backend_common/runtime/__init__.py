@@ -5,14 +5,13 @@ worker (``worker``) composes discovery (``backend_common.discovery``), a request
 (``backend_common.transport``) and these modules:
 
 ``runner``          ``run``: argv -> engine -> ``Worker(...).run()`` -> exit code
-``worker``          start-up, registration, admission, graceful shutdown
+``worker``          start-up, registration, admission, graceful shutdown (named steps)
+``lifecycle``       the worker's phase (INIT ... STOPPED) and its ``forced`` flag
 ``adapter``         one accepted request: call home, ``engine.generate``, stream, terminal
 ``request_policy``  request checks before ``generate`` (context length, vocabulary)
-``kv_routing``      hands the engine its KV event and snapshot publishers
-``zmq_source``      relays an engine's own ZMQ KV event socket (``ZmqSource``)
-``health``          the health canary's payload
-``canary``          the health canary on an idle worker (``DYN_HEALTH_CHECK_ENABLED``)
+``health``          the canary payload, the canary, the idle canary and ``/health``
 ``status``          the system HTTP server (``/health``, ``/live``, ``/metrics``, files)
+``kv_events/``      the KV event plane (NATS, ZMQ), publishers, the ``ZmqSource`` relay
 ``metrics``         the worker's Prometheus metrics
 ``engine_metrics``  the engine's global-registry / multiprocess metrics on ``/metrics``
 ``modelcard``       the model card published in discovery
