@@ -216,3 +216,48 @@ async def test_enabled_canary_runs_by_itself_and_health_reports_it(monkeypatch, 
         await asyncio.sleep(0.6)
         status, body = await get_health(base)
         assert status == 200, body
+
+
+# -- readiness: registered, and not draining ---------------------------------------------------
+async def test_health_is_not_ready_until_registered_nor_once_draining(
+    monkeypatch, tmp_path
+) -> None:
+    """The rule discovery that follows ``/health`` relies on (docs/architecture.md#lifecycle)."""
+    from backend_common.runtime.worker import Worker
+
+    monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD", raising=False)
+    gate = asyncio.Event()
+    registering = asyncio.Event()
+    register = Worker._register
+
+    async def held_register(self: Worker) -> None:
+        registering.set()
+        await asyncio.wait_for(gate.wait(), 10)
+        await register(self)
+
+    monkeypatch.setattr(Worker, "_register", held_register)
+    # A grace period long enough to look at /health while the worker drains.
+    config = file_config(tmp_path, graceful_shutdown_grace_period=1.0)
+    worker = Worker(CanaryEngine(payload=None), config)
+    task = asyncio.get_running_loop().create_task(worker.run())
+    try:
+        await asyncio.wait_for(registering.wait(), 10)
+        status = worker._services.status
+        assert status is not None  # the status server is up before the records go out
+        code, body = await get_health(status.base_url)
+        assert code == 503 and body == {"status": "notready", "state": "starting"}, body
+        gate.set()
+        while not worker.lifecycle.serving:
+            assert not task.done()
+            await asyncio.sleep(0.01)
+        code, body = await get_health(status.base_url)
+        assert code == 200 and body["status"] == "healthy", body
+        worker.request_shutdown()  # draining starts now; the grace period keeps it running
+        code, body = await get_health(status.base_url)
+        assert code == 503 and body == {"status": "notready", "state": "draining"}, body
+    finally:
+        gate.set()
+        if not worker.lifecycle.leaving:
+            worker.request_shutdown()
+        worker.request_shutdown()  # second signal: skip the remaining waits
+        assert await asyncio.wait_for(task, 15) == 0
