@@ -85,7 +85,7 @@ class EventPlane:
         self._on_close: list[Callable[[], Awaitable[None]]] = []
 
     def channel(self, topic: str) -> Channel:
-        """A new channel of ``topic`` on this plane (called by the publishers)."""
+        """A new channel of ``topic`` on this plane (one per publisher)."""
         return Channel(self.prefix, topic)
 
     def kv_publisher(self, dp_rank: int, block_size: int) -> PlaneKvEventPublisher:
