@@ -7,7 +7,6 @@ worker (``worker``) composes discovery (``backend_common.discovery``), a request
 ``runner``          ``run``/``serve``: argv -> engine -> ``Worker(...).run()`` -> exit code
 ``worker``          start-up, registration, admission, graceful shutdown
 ``adapter``         one accepted request: call home, ``engine.generate``, stream, terminal
-``request_policy``  request checks before ``generate`` (context length, vocabulary)
 ``kv_routing``      hands the engine its KV event and snapshot publishers
 ``zmq_source``      relays an engine's own ZMQ KV event socket (``ZmqSource``)
 ``health``          the health canary's payload
