@@ -1,4 +1,4 @@
-"""One configuration object: every setting is a ``WorkerConfig`` field, read once by ``args.py``.
+"""One configuration object: every setting is a ``WorkerConfig`` field, read once by ``args``.
 
 * every environment variable in ``args.SETTINGS`` reaches its field, and a flag beats it;
 * every ``WorkerConfig`` field (and sub-object field) is in the table, except the few that
@@ -156,7 +156,7 @@ def test_a_config_built_in_code_ignores_the_environment(clean_env: pytest.Monkey
             continue
         raw, _ = SAMPLES.get(s.field, (f"value-of-{s.env}", None))
         clean_env.setenv(s.env, raw)
-    assert _config() != baseline  # the environment does reach args.py ...
+    assert _config() != baseline  # the environment does reach args ...
     assert WorkerConfig() == baseline  # ... and nothing else
 
 
