@@ -21,7 +21,7 @@ with atheris.instrument_imports():
 
     from backend_common.config import EngineConfig
     from backend_common.errors import DynamoError
-    from backend_common.runtime.request_policy import check_request
+    from backend_common.request_policy import check_request
     from backend_common.transport.codec import (
         WireError,
         decode_payload,

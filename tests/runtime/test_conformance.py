@@ -302,6 +302,45 @@ async def test_broken_engine_fails_with_its_kind(kind: str) -> None:
     assert isinstance(err, AssertionError)  # a failed check reads as a failed test
 
 
+class SmallContext(GoodEngine):
+    """States a 12-token context and records the max_tokens of every request it is handed."""
+
+    def __init__(self, context_length: int = 12) -> None:
+        super().__init__()
+        self.context_length = context_length
+        self.seen: list[int | None] = []
+
+    async def start(self, worker_id: int) -> EngineConfig:
+        await super().start(worker_id)
+        return EngineConfig(model="small", context_length=self.context_length)
+
+    async def generate(self, request: PreprocessedRequest, ctx: GenerateContext):
+        self.seen.append(request.stop_conditions.max_tokens)
+        async for item in super().generate(request, ctx):
+            yield item
+
+
+async def test_the_kit_admits_requests_as_the_worker_does() -> None:
+    engines: list[SmallContext] = []
+
+    def factory() -> SmallContext:
+        engines.append(SmallContext())
+        return engines[-1]
+
+    await run_conformance(factory)
+    # The cancellation check asks for 10 000 tokens; the policy clamps them to the room the
+    # 3-token prompt leaves in the stated context, as the worker would before generate.
+    assert engines[0].seen[-1] == 12 - 3
+    assert set(engines[0].seen[:-1]) == {8}
+
+
+async def test_a_context_too_small_for_the_kits_request_is_explained() -> None:
+    with pytest.raises(ConformanceError) as info:
+        await run_conformance(lambda: SmallContext(context_length=3))
+    assert info.value.kind == "GenerateFailed"
+    assert "refuses the kit's 3-token request" in info.value.message
+
+
 async def test_broken_engine_is_cleaned_up_after_failure() -> None:
     engines: list[GoodEngine] = []
 

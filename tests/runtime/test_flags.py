@@ -158,7 +158,7 @@ def test_1_6_1_names_and_hidden_old_spellings(caplog: pytest.LogCaptureFixture) 
         assert name in text
     for old in ("--tool-call-parser", "--reasoning-parser", "--structural-tag "):
         assert old not in text  # hidden aliases
-    with caplog.at_level(logging.WARNING, logger="backend_common.flags"):
+    with caplog.at_level(logging.WARNING, logger="backend_common.args.flags"):
         args = parser.parse_args(
             [
                 "--tool-call-parser",

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from backend_common import RequestGuard
+from backend_common import ActiveRequests, GenerateContext, RequestGuard
 
 BOUND_S = 2.0
 
@@ -249,3 +249,25 @@ async def test_async_release_failure_is_logged(caplog: pytest.LogCaptureFixture)
         async with RequestGuard(release):
             pass
     assert "release callback failed" in caplog.text
+
+
+# -- ActiveRequests ---------------------------------------------------------------------------
+async def test_active_requests_track_release_once_and_stop_all() -> None:
+    active, released = ActiveRequests(), []
+    a, b = GenerateContext("same-id"), GenerateContext("same-id")  # ids may repeat
+
+    async def stream(ctx: GenerateContext):
+        with active.track(ctx, release=lambda: released.append(ctx)):
+            while not ctx.is_stopped():
+                yield 1
+                await asyncio.sleep(0)
+
+    streams = [stream(a), stream(b)]
+    for s in streams:
+        assert await s.__anext__() == 1
+    assert len(active) == 2 and active.request_ids() == ["same-id", "same-id"]
+    assert active.stop_all() == 2
+    for s in streams:
+        assert [item async for item in s] == []  # each ends on its own stop
+    assert released == [a, b] and len(active) == 0
+    assert active.stop_all() == 0

@@ -1,9 +1,12 @@
-"""One configuration object: every setting is a ``WorkerConfig`` field, read once by ``args.py``.
+"""One configuration object: every setting is a ``WorkerConfig`` field, read once by ``args``.
 
 * every environment variable in ``args.SETTINGS`` reaches its field, and a flag beats it;
 * every ``WorkerConfig`` field (and sub-object field) is in the table, except the few that
   only engine code sets (listed here with the reason);
 * a ``WorkerConfig`` built in code ignores the environment;
+* each default is stated once, by the ``WorkerConfig`` field: a row carries none, a parser
+  that refuses a value falls back to the field's, and a parser with no flag or variable given
+  resolves to exactly ``WorkerConfig()``;
 * the settings reference in the vendored docs is exactly what ``args`` generates.
 """
 
@@ -21,11 +24,13 @@ import pytest
 
 from backend_common.args import (
     SETTINGS,
+    Setting,
     add_common_args,
     settings_markdown,
     worker_config_from_args,
 )
 from backend_common.config import WorkerConfig
+from backend_common.errors import DynamoError
 
 REPO = Path(__file__).resolve().parents[2]
 RUNTIME = REPO / "template" / "src" / "backend_common"
@@ -151,8 +156,77 @@ def test_a_config_built_in_code_ignores_the_environment(clean_env: pytest.Monkey
             continue
         raw, _ = SAMPLES.get(s.field, (f"value-of-{s.env}", None))
         clean_env.setenv(s.env, raw)
-    assert _config() != baseline  # the environment does reach args.py ...
+    assert _config() != baseline  # the environment does reach args ...
     assert WorkerConfig() == baseline  # ... and nothing else
+
+
+def test_a_row_cannot_state_a_default() -> None:
+    init = {f.name for f in dataclasses.fields(Setting) if f.init}
+    assert "default" not in init, "defaults live in config.py, once"
+    with pytest.raises(TypeError):
+        Setting("namespace", "DYN_NAMESPACE", "help", default="other")  # type: ignore[call-arg]
+
+
+def test_every_row_reads_its_default_from_the_field() -> None:
+    fresh = WorkerConfig()
+    for s in SETTINGS:
+        assert s.default == _get(fresh, s.field), s.field
+
+
+def test_nothing_given_is_exactly_the_dataclass_defaults(clean_env: pytest.MonkeyPatch) -> None:
+    # The flags' defaults, the negated switch and the environment-only rows all resolve to
+    # the fields' defaults: no second statement of a default anywhere on the way.
+    assert _config() == WorkerConfig()
+
+
+BAD_TEXT = "not-a-value?"
+
+
+def _refuses(s: Setting) -> bool:
+    try:
+        s.parse(BAD_TEXT)  # type: ignore[misc]
+    except ValueError:
+        return True
+    return False
+
+
+# Rows whose variable is read by their parser (not by argparse as a flag's ``type``), that
+# refuse some text and are not strict: a refused variable gives the field's default.
+LENIENT = [
+    s
+    for s in SETTINGS
+    if s.env
+    and s.parse
+    and not s.strict
+    and (s.flag is None or isinstance(s.default, bool))
+    and _refuses(s)
+]
+
+
+def test_the_lenient_rows_are_found() -> None:
+    assert {"graceful_shutdown_timeout", "exclude_tools_when_tool_choice_none"} <= {
+        s.field for s in LENIENT
+    }
+
+
+@pytest.mark.parametrize("setting", LENIENT, ids=lambda s: s.env)
+def test_a_refused_value_falls_back_to_the_fields_default(
+    setting, clean_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clean_env.setenv(setting.env, BAD_TEXT)
+    with caplog.at_level("WARNING"):
+        assert _get(_config(), setting.field) == _get(WorkerConfig(), setting.field)
+    assert setting.env in caplog.text
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s.strict], ids=lambda s: s.env)
+def test_a_strict_setting_refuses_bad_text_with_a_typed_error(
+    setting, clean_env: pytest.MonkeyPatch
+) -> None:
+    clean_env.setenv(setting.env, "soon")
+    with pytest.raises(DynamoError, match=setting.env) as info:
+        _config()
+    assert info.value.is_invalid_argument
 
 
 def test_settings_doc_is_generated_from_the_table() -> None:

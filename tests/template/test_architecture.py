@@ -5,7 +5,8 @@
   imports ``runtime/`` except ``runtime.runner`` (``run``) lazily, inside a function or for
   type checking; ``transport/``, ``discovery/`` and ``devstack/`` never import ``runtime/``;
   nothing but ``runtime.runner`` imports the worker.
-* Environment: only the configuration module (``args.py``) reads ``os.environ``. ``devstack/``
+* Environment: only the settings' environment module (``args/environment.py``) reads
+  ``os.environ``. ``devstack/``
   is exempt: it is the developer's tool that starts etcd, NATS and the frontend for tests and
   demos (it passes environments to child processes), never part of a worker.
 * The engine-facing ``kv_events`` (descriptors, hashing, publisher interfaces) never imports
@@ -219,7 +220,7 @@ def test_the_file_index_lists_every_module() -> None:
 
 
 # -- environment -------------------------------------------------------------------------
-CONFIG_MODULES = {"args.py"}
+CONFIG_MODULES = {"args/environment.py"}
 # devstack/ is a developer tool (starts etcd, NATS, the frontend for tests and demos).
 ENV_EXEMPT_DIRS = {"devstack"}
 
@@ -248,7 +249,7 @@ def test_only_the_config_module_reads_the_environment() -> None:
 
 
 def test_the_env_scanner_finds_reads() -> None:
-    assert _env_reads(RUNTIME / "args.py"), "args.py reads the environment; the scanner must see it"
+    assert _env_reads(RUNTIME / "args" / "environment.py"), "the scanner must see the reads"
 
 
 # -- document references -----------------------------------------------------------------

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from backend_common.config import DisaggregationMode, EngineConfig
 from backend_common.errors import DynamoError
-from backend_common.runtime.request_policy import check_request
+from backend_common.request_policy import check_request
 from backend_common.transport.callhome import CallHome
 from backend_common.transport.codec import (
     MAX_CONTROL_LEN,

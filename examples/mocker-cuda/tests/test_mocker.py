@@ -13,6 +13,7 @@ import logging
 import pytest
 from backend_common import DisaggregationMode, FinishReason, GenerateContext, PreprocessedRequest
 from backend_common.errors import BackendError, DynamoError
+from backend_common.request_policy import check_request
 from backend_common.testing import collect, run_conformance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -444,11 +445,17 @@ async def test_bad_requests_get_typed_errors(engine_factory):
     with pytest.raises(DynamoError) as err:
         await collect(engine, request([1]))
     assert err.value.backend_error is BackendError.EngineShutdown
+    engine, _ = Engine.from_args([*FAST, "--context-length", "16"])
+    config = await engine.start(0)
+    try:
+        # The worker's admission check against what start() returned, before generate.
+        for bad in (request([]), request(list(range(16)))):
+            with pytest.raises(DynamoError) as err:
+                check_request(bad, config)
+            assert err.value.backend_error is BackendError.InvalidArgument
+    finally:
+        await engine.cleanup()
     engine = await engine_factory("--context-length", "16")
-    for bad in (request([]), request(list(range(16)))):
-        with pytest.raises(DynamoError) as err:
-            await collect(engine, bad)
-        assert err.value.backend_error is BackendError.InvalidArgument
     items = await collect(engine, request(list(range(10)), max_tokens=100))
     assert sum(len(i.token_ids) for i in items) == 6  # capped at the context length
 

@@ -1,10 +1,15 @@
-"""``ActiveRequests`` releases a request's resources exactly once, on every exit path."""
+"""``ActiveRequests`` releases a request's resources exactly once, on every exit path.
+
+It lives in the runtime (``backend_common.ActiveRequests``); the package's ``guard`` module
+re-exports it for ``engine.py`` files that import it from there.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 
+import backend_common
 import pytest
 from backend_common import GenerateContext
 
@@ -87,3 +92,7 @@ async def test_stop_all_stops_every_active_context() -> None:
         guard.release()
     assert len(active) == 0
     assert active.stop_all() == 0
+
+
+def test_the_package_guard_module_is_the_runtimes() -> None:
+    assert ActiveRequests is backend_common.ActiveRequests

@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 from backend_common import DynamoError, FinishReason, GenerateContext, PreprocessedRequest
+from backend_common.request_policy import check_request
 from backend_common.testing import collect
 
 from skeleton_disagg_cpu.engine import SkeletonDisaggCpuEngine
@@ -47,10 +48,14 @@ async def test_max_tokens_defaults_to_the_flag() -> None:
 
 
 async def test_bad_requests_are_invalid_arguments() -> None:
-    engine = await started()
+    # The worker checks every request against what start() returned, before generate
+    # (backend_common.request_policy): an empty prompt or one that fills the context never
+    # reaches the engine.
+    engine, _config = SkeletonDisaggCpuEngine.from_args(["--model-name", "test"])
+    config = await engine.start(1)
     for bad in (request(prompt=0), request(prompt=engine.context_length)):
         with pytest.raises(DynamoError) as info:
-            await collect(engine, bad)
+            check_request(bad, config)
         assert info.value.is_invalid_argument
 
 

@@ -25,7 +25,10 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # directory (tests/test_transformers.py checks --model-path itself).
     model = tmp_path / "model"
     model.mkdir()
-    monkeypatch.setattr("transformers_cpu.engine.check_model_path", lambda _path: str(model))
+    # hf/engine.py checks the path; an engine.py generated before TransformersEngine moved
+    # there imported the check itself (raising=False: patching a module without it is a no-op).
+    for module in ("transformers_cpu.hf.engine", "transformers_cpu.engine"):
+        monkeypatch.setattr(f"{module}.check_model_path", lambda _p: str(model), raising=False)
 
 
 def test_from_args_builds_the_engine_and_its_config() -> None:

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import torch
-from backend_common import GenerateContext, LLMEngineOutput, PreprocessedRequest
+from backend_common import EngineConfig, GenerateContext, LLMEngineOutput, PreprocessedRequest
 from backend_common.devstack.tinyllm import write_tiny_causal_lm
 from backend_common.errors import DynamoError
+from backend_common.request_policy import check_request
 from backend_common.testing import validated
 from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM
@@ -66,7 +67,7 @@ async def engine(model_path: Path) -> AsyncIterator[TransformersCpuEngine]:
         ["--model-path", str(model_path), "--device", "cpu", "--max-num-seqs", "16"]
         + ["--cpu-threads", "1"]
     )
-    await engine.start(1)
+    await start(engine)
     try:
         yield engine
     finally:
@@ -81,9 +82,20 @@ def request(prompt: list[int], **stop: Any) -> PreprocessedRequest:
     )
 
 
+# What start() returned, per engine: run() admits each request against it as the worker does.
+STARTED: dict[int, EngineConfig] = {}
+
+
+async def start(engine: TransformersCpuEngine) -> EngineConfig:
+    STARTED[id(engine)] = config = await engine.start(1)
+    return config
+
+
 async def run(
     engine: TransformersCpuEngine, req: PreprocessedRequest, ctx: GenerateContext | None = None
 ) -> tuple[list[int], LLMEngineOutput]:
+    """The stream of ``req`` after the worker's own admission check (request_policy)."""
+    check_request(req, STARTED[id(engine)])
     tokens: list[int] = []
     last: LLMEngineOutput | None = None
     async with asyncio.timeout(BOUND_S):
@@ -244,7 +256,7 @@ async def test_max_tokens_past_the_context_is_clamped(model_path: Path) -> None:
         ["--model-path", str(model_path), "--device", "cpu", "--context-length", "24"]
         + ["--cpu-threads", "1"]
     )
-    await engine.start(1)
+    await start(engine)
     try:
         prompt = prompts(3)[2]  # 9 tokens
         tokens, last = await run(engine, request(prompt, max_tokens=1000, ignore_eos=True))

@@ -19,17 +19,28 @@ engine whose cancel is a coroutine). ``async with`` awaits it on exit (also on
 ``aclose()``); sync exit paths (``with``, ``release()``, garbage collection) schedule
 it as a task on the running loop, kept referenced until it finished. Without a running
 loop the coroutine is closed and an error logged: it cannot run anywhere.
+
+``ActiveRequests`` is an engine's set of in-flight requests built on it: ``generate`` wraps
+its body in ``with self.active.track(ctx, release):``; the returned guard calls
+``release`` once on every exit path and forgets the request. ``cleanup`` calls
+``stop_all()`` so every open stream ends with a clean cancelled terminal rather than an
+error when the engine goes away. Single event loop: all its methods are called from the
+loop's thread, no locking needed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["RequestGuard"]
+if TYPE_CHECKING:
+    from .context import GenerateContext
+
+__all__ = ["ActiveRequests", "RequestGuard"]
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +122,40 @@ class RequestGuard:
         # Last resort for a generator that was garbage collected without being closed.
         if not self._released:
             self.release()
+
+
+class ActiveRequests:
+    """An engine's in-flight requests, each tracked by a ``RequestGuard`` (module docstring)."""
+
+    def __init__(self) -> None:
+        # Keyed by a private counter, not by request id: ids come from the network and two
+        # in-flight requests with the same id must still be tracked (and released) separately.
+        self._keys = itertools.count()
+        self._active: dict[int, GenerateContext] = {}
+
+    def track(
+        self, ctx: GenerateContext, release: Callable[[], object] | None = None
+    ) -> RequestGuard:
+        """Register ``ctx`` as active; the guard forgets it and calls ``release`` once."""
+        key = next(self._keys)
+        self._active[key] = ctx
+
+        def _release() -> None:
+            self._active.pop(key, None)
+            if release is not None:
+                release()
+
+        return RequestGuard(_release)
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def request_ids(self) -> list[str]:
+        return [ctx.id() for ctx in self._active.values()]
+
+    def stop_all(self) -> int:
+        """Ask every active stream to stop (each then yields a cancelled terminal)."""
+        contexts = list(self._active.values())
+        for ctx in contexts:
+            ctx.stop_generating()
+        return len(contexts)

@@ -7,8 +7,9 @@ real ``python -m dynamo.frontend`` discovers and routes OpenAI traffic to.
 Engine code imports from here only: the contract (``LLMEngine``,
 ``EngineConfig``, ``WorkerConfig``, ``PreprocessedRequest``,
 ``LLMEngineOutput``, ``FinishReason``, ``GenerateContext``, ``chunk``,
-``usage``), ``RequestGuard``, ``ThreadFeed`` (results from an engine's own compute
-thread to a request's stream, see ``threaded``), ``errors`` and ``testing``.
+``usage``), ``RequestGuard`` and ``ActiveRequests``, ``ThreadFeed`` (results from an
+engine's own compute thread to a request's stream, see ``threaded``), ``errors``,
+``request_policy`` (the checks the worker runs before ``generate``) and ``testing``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .config import DisaggregationMode, EngineConfig, WorkerConfig
 from .context import GenerateContext
 from .engine import LLMEngine
 from .errors import BackendError, DynamoError, ErrorType
-from .guard import RequestGuard
+from .guard import ActiveRequests, RequestGuard
 from .threaded import ThreadFeed
 from .types import (
     FinishReason,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActiveRequests",
     "BackendError",
     "DisaggregationMode",
     "DynamoError",

@@ -10,7 +10,9 @@ called twice: once for the engine under test, once for a never-started engine.
 The checks run in Dynamo's order (docs/contract.md#conformance-kit); the first failure
 raises ``ConformanceError`` whose ``kind`` is the Rust kit's variant name and
 whose message says what to fix. The kit calls the engine directly: no network,
-no worker. Streams are read through the debug validator.
+no worker. Each request first goes through the worker's own admission check
+(``request_policy.check_request`` against the ``EngineConfig`` that ``start`` returned), so
+the engine sees what a worker would hand it. Streams are read through the debug validator.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from .config import EngineConfig
 from .context import GenerateContext
 from .engine import LLMEngine
+from .errors import DynamoError
+from .request_policy import check_request
 from .streams import close_stream
 from .types import FinishReason, LLMEngineOutput, PreprocessedRequest, StopConditions
 from .validate import S1_MESSAGE, ContractViolation, validated
@@ -89,6 +94,19 @@ def standard_request(model: str, max_tokens: int = STANDARD_MAX_TOKENS) -> Prepr
     return PreprocessedRequest(
         model=model, token_ids=[1, 2, 3], stop_conditions=StopConditions(max_tokens=max_tokens)
     )
+
+
+def _admitted(config: EngineConfig, max_tokens: int = STANDARD_MAX_TOKENS) -> PreprocessedRequest:
+    """The kit's request as the worker hands it over: checked and clamped by the policy."""
+    request = standard_request(config.model, max_tokens)
+    try:
+        return check_request(request, config)
+    except DynamoError as exc:
+        raise ConformanceError(
+            "GenerateFailed",
+            f"the worker refuses the kit's {len(request.token_ids)}-token request under the "
+            f"EngineConfig start() returned: {exc.message}",
+        ) from exc
 
 
 async def collect(
@@ -167,10 +185,10 @@ async def _step(coro: Awaitable[Any], kind: str, what: str) -> Any:
         raise ConformanceError(kind, f"{what} did not finish within {STEP_TIMEOUT_S:.0f}s") from exc
 
 
-async def _check_single(engine: LLMEngine, model: str) -> None:
+async def _check_single(engine: LLMEngine, config: EngineConfig) -> None:
     try:
         out = await _step(
-            _drain(engine, standard_request(model), mock_context()), "GenerateFailed", "generate()"
+            _drain(engine, _admitted(config), mock_context()), "GenerateFailed", "generate()"
         )
     except ContractViolation as exc:
         if str(exc) == S1_MESSAGE:
@@ -212,9 +230,9 @@ async def _check_single(engine: LLMEngine, model: str) -> None:
             )
 
 
-async def _check_concurrent(engine: LLMEngine, model: str) -> None:
+async def _check_concurrent(engine: LLMEngine, config: EngineConfig) -> None:
     async def one() -> None:
-        out = await _drain(engine, standard_request(model), mock_context())
+        out = await _drain(engine, _admitted(config), mock_context())
         if out.error is not None:
             raise out.error
         if not out.items:
@@ -234,9 +252,9 @@ async def _check_concurrent(engine: LLMEngine, model: str) -> None:
             )
 
 
-async def _check_cancellation(engine: LLMEngine, model: str) -> None:
+async def _check_cancellation(engine: LLMEngine, config: EngineConfig) -> None:
     ctx = mock_context()
-    request = standard_request(model, LONG_MAX_TOKENS)
+    request = _admitted(config, LONG_MAX_TOKENS)
     out = _Outcome()
 
     async def consume() -> None:
@@ -275,95 +293,71 @@ async def _check_cancellation(engine: LLMEngine, model: str) -> None:
         )
 
 
-async def run_conformance(factory: EngineFactory) -> None:
-    """Run every check of docs/contract.md#conformance-kit in order.
+async def _call(coro: Awaitable[Any], kind: str, what: str, failed: str | None = None) -> Any:
+    """Await one engine call within ``STEP_TIMEOUT_S``; any exception is the ``kind`` failure.
 
-    Raises ``ConformanceError`` on the first failure; its ``kind`` names the check.
+    The message is ``{failed}: {exception}`` (``failed`` defaults to ``{what} failed``).
     """
-    engine: LLMEngine = await _maybe_await(factory())
-    cleaned = False
     try:
-        try:
-            config = await _step(engine.start(0), "StartFailed", "start()")
-        except ConformanceError:
-            raise
-        except Exception as exc:
-            raise ConformanceError("StartFailed", f"start() failed: {exc}") from exc
-        model = getattr(config, "model", "") or ""
-        if not model:
-            raise ConformanceError(
-                "EmptyModelInConfig",
-                "EngineConfig.model is empty (start() must return EngineConfig(model=...) with the "
-                "canonical, non-empty model id)",
-            )
+        return await _step(coro, kind, what)
+    except ConformanceError:
+        raise
+    except Exception as exc:
+        raise ConformanceError(kind, f"{failed or what + ' failed'}: {exc}") from exc
 
-        ranks = []
-        for _ in range(2):
-            try:
-                sources = await _step(
-                    engine.kv_event_sources(), "KvEventSourcesFailed", "kv_event_sources()"
-                )
-            except ConformanceError:
-                raise
-            except Exception as exc:
-                raise ConformanceError(
-                    "KvEventSourcesFailed", f"kv_event_sources() failed: {exc}"
-                ) from exc
-            ranks.append(_rank_set(list(sources or [])))
-        if ranks[0] != ranks[1]:
-            raise ConformanceError(
-                "KvEventSourcesNotIdempotent",
-                "kv_event_sources() returned different dp_rank set on a second call "
-                "(the descriptor list must be stable for the engine's lifetime)",
-            )
 
-        names = []
-        for _ in range(2):
-            registry = CollectorRegistry()
-            try:
-                await _step(engine.setup_metrics(registry), "SetupMetricsFailed", "setup_metrics()")
-            except ConformanceError:
-                raise
-            except Exception as exc:
-                raise ConformanceError(
-                    "SetupMetricsFailed", f"setup_metrics() failed: {exc}"
-                ) from exc
-            names.append(_metric_names(registry))
-        if names[0] != names[1]:
-            raise ConformanceError(
-                "ComponentMetricsNotIdempotent",
-                "setup_metrics() registered different metrics across calls "
-                f"({sorted(names[0] ^ names[1])}); the metric set must be stable for the "
-                "engine's lifetime",
-            )
+async def _check_start(engine: LLMEngine) -> EngineConfig:
+    config = await _call(engine.start(0), "StartFailed", "start()")
+    if not (getattr(config, "model", "") or ""):
+        raise ConformanceError(
+            "EmptyModelInConfig",
+            "EngineConfig.model is empty (start() must return EngineConfig(model=...) with the "
+            "canonical, non-empty model id)",
+        )
+    return config
 
-        await _check_single(engine, model)
-        await _check_concurrent(engine, model)
-        await _check_cancellation(engine, model)
 
-        cleaned = True
-        try:
-            await _step(engine.cleanup(), "CleanupFailed", "cleanup()")
-        except ConformanceError:
-            raise
-        except Exception as exc:
-            raise ConformanceError("CleanupFailed", f"cleanup() failed: {exc}") from exc
-        try:
-            await _step(engine.cleanup(), "SecondCleanupFailed", "second cleanup()")
-        except ConformanceError:
-            raise
-        except Exception as exc:
-            raise ConformanceError(
-                "SecondCleanupFailed", f"second cleanup() call failed (must be idempotent): {exc}"
-            ) from exc
-    finally:
-        if not cleaned:
-            # Best effort so a failing engine does not leak tasks into the caller's loop.
-            try:
-                await asyncio.wait_for(engine.cleanup(), 5.0)
-            except Exception:  # noqa: BLE001
-                pass
+async def _check_kv_event_sources(engine: LLMEngine) -> None:
+    ranks = []
+    for _ in range(2):
+        sources = await _call(
+            engine.kv_event_sources(), "KvEventSourcesFailed", "kv_event_sources()"
+        )
+        ranks.append(_rank_set(list(sources or [])))
+    if ranks[0] != ranks[1]:
+        raise ConformanceError(
+            "KvEventSourcesNotIdempotent",
+            "kv_event_sources() returned different dp_rank set on a second call "
+            "(the descriptor list must be stable for the engine's lifetime)",
+        )
 
+
+async def _check_metrics(engine: LLMEngine) -> None:
+    names = []
+    for _ in range(2):
+        registry = CollectorRegistry()
+        await _call(engine.setup_metrics(registry), "SetupMetricsFailed", "setup_metrics()")
+        names.append(_metric_names(registry))
+    if names[0] != names[1]:
+        raise ConformanceError(
+            "ComponentMetricsNotIdempotent",
+            "setup_metrics() registered different metrics across calls "
+            f"({sorted(names[0] ^ names[1])}); the metric set must be stable for the "
+            "engine's lifetime",
+        )
+
+
+async def _check_cleanup(engine: LLMEngine) -> None:
+    await _call(engine.cleanup(), "CleanupFailed", "cleanup()")
+    await _call(
+        engine.cleanup(),
+        "SecondCleanupFailed",
+        "second cleanup()",
+        "second cleanup() call failed (must be idempotent)",
+    )
+
+
+async def _check_cleanup_without_start(factory: EngineFactory) -> None:
     fresh: LLMEngine = await _maybe_await(factory())
     try:
         await _step(fresh.cleanup(), "CleanupWithoutStartFailed", "cleanup() on a fresh engine")
@@ -375,3 +369,29 @@ async def run_conformance(factory: EngineFactory) -> None:
             f"cleanup() failed on a never-started engine: {exc} (Worker calls cleanup() after "
             "start() raises, so engines must be null-safe against partial / no allocation)",
         ) from exc
+
+
+async def run_conformance(factory: EngineFactory) -> None:
+    """Run every check of docs/contract.md#conformance-kit in order.
+
+    Raises ``ConformanceError`` on the first failure; its ``kind`` names the check.
+    """
+    engine: LLMEngine = await _maybe_await(factory())
+    cleaned = False
+    try:
+        config = await _check_start(engine)
+        await _check_kv_event_sources(engine)
+        await _check_metrics(engine)
+        await _check_single(engine, config)
+        await _check_concurrent(engine, config)
+        await _check_cancellation(engine, config)
+        cleaned = True
+        await _check_cleanup(engine)
+    finally:
+        if not cleaned:
+            # Best effort so a failing engine does not leak tasks into the caller's loop.
+            try:
+                await asyncio.wait_for(engine.cleanup(), 5.0)
+            except Exception:  # noqa: BLE001
+                pass
+    await _check_cleanup_without_start(factory)

@@ -20,9 +20,12 @@ __all__ = ["MockerCudaEngine"]
 
 
 class MockerCudaEngine(MockerEngine):
-    # Where the per-pass workload runs unless --device says otherwise (chosen at generation;
-    # "cuda" falls back to cpu, with a warning, on a machine without a GPU).
+    # YOUR ENGINE: where the per-pass workload runs unless --device says otherwise (chosen at
+    # generation; "cuda" falls back to cpu, with a warning, on a machine without a GPU).
     DEFAULT_DEVICE = "cuda"
+
+    # YOUR ENGINE: override hooks here, e.g. ``health_check_payload`` or ``setup_metrics``
+    # (call ``super()`` to keep the mocker's own).
 
     @classmethod
     def from_args(

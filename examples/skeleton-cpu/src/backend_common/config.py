@@ -1,14 +1,16 @@
 """What an engine tells the worker (``EngineConfig``) and how it is set up (``WorkerConfig``).
 
 ``from_args`` returns a ``WorkerConfig`` built from the shared CLI flags and
-environment variables (``args.py``, the only place the environment is read);
+environment variables (``args/``; ``args/environment.py`` is the only place the
+environment is read);
 ``start()`` returns an ``EngineConfig`` with the facts only a running engine
 knows (context length, KV block size, capacity). Every ``EngineConfig`` field
 but ``model`` is optional: ``None`` means "not advertised".
 
 ``WorkerConfig`` holds every setting of the worker, transports and discovery
 included; a ``WorkerConfig`` built in code gets the documented defaults, never
-values from the environment. The reference of every flag and variable:
+values from the environment. Its field defaults are the settings' defaults, stated only
+here (``args.SETTINGS`` reads them). The reference of every flag and variable:
 ``python -m backend_common.args --markdown``.
 """
 

@@ -7,8 +7,11 @@ contract (``tests/test_conformance.py``) after every change. Who calls what:
 * ``add_args`` / ``from_config``: once, at startup (via ``from_args``). The engine's own
   flags, and building the engine from them. Nothing heavy here: no model loading.
 * ``start``: once. Load the model; return what the frontend must know (``EngineConfig``).
-* ``generate``: once per request, many concurrently. Yield ``chunk.token(id)`` items, then
-  exactly one terminal item (finish reason set, usage attached). Poll
+* ``generate``: once per request, many concurrently, with a request the worker has already
+  checked against what ``start`` returned (``backend_common.request_policy``: a prompt that
+  fits the context, token ids in the vocabulary, sampling values in range). Yield
+  ``chunk.token(id)`` items, then exactly one terminal item (finish reason set, usage
+  attached). Poll
   ``ctx.is_stopped()`` between yields and end with a cancelled terminal when it is set.
   Per-request resources are freed by the guard, which runs on every exit path.
 * ``cleanup``: once at shutdown; idempotent, and safe on a never-started engine.
@@ -26,6 +29,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from backend_common import (
+    ActiveRequests,
     EngineConfig,
     GenerateContext,
     LLMEngine,
@@ -38,7 +42,6 @@ from backend_common import (
 
 from . import args as cli
 from . import errors
-from .guard import ActiveRequests
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +119,8 @@ class SkeletonCpuEngine(LLMEngine):
     ) -> AsyncIterator[LLMEngineOutput]:
         if not self.started:
             raise errors.not_started()
+        # The worker refused an empty prompt or one that leaves no room in the context.
         prompt = len(request.token_ids)
-        if prompt == 0:
-            raise errors.empty_prompt()
-        if prompt >= self.context_length:
-            raise errors.prompt_too_long(prompt, self.context_length)
         limit = min(
             request.stop_conditions.max_tokens or self.max_tokens, self.context_length - prompt
         )

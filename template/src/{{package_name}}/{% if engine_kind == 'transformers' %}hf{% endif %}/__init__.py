@@ -2,12 +2,13 @@
 
 Modules, one concept each:
 
-* ``args``: the engine's CLI flags, ``HfSettings`` and the model directory check.
+* ``args``: ``HfSettings`` (one field per flag) and the model directory check.
 * ``sampling``: per-request decoding rules (``RequestParams``) and the logits processor
   that applies them inside the batch.
 * ``core``: ``EngineCore``, the model behind transformers' ``ContinuousBatchingManager``
   on its own compute thread, feeding each request's ``ThreadFeed``.
 * ``metrics``: the ``hf_*`` Prometheus metrics.
+* ``engine``: ``TransformersEngine``, the ``LLMEngine`` over all of them.
 
-The engine class itself lives in the package's ``engine.py``.
+The package's own ``engine.py`` (user-owned) is a short subclass of ``TransformersEngine``.
 """

@@ -17,6 +17,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend_common.args.engine_args import (
+    add_dataclass_args,
+    dataclass_from_args,
+    fraction,
+    option,
+    positive_int,
+)
 from backend_common.errors import invalid_arg
 
 __all__ = ["HfSettings", "add_hf_args", "check_model_path", "settings_from_args"]
@@ -25,108 +32,71 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-@dataclass(frozen=True)
-class HfSettings:
-    """Everything the engine core is configured with (one field per flag)."""
-
-    model_path: str = ""
-    device: str = "auto"
-    dtype: str = "auto"
-    max_num_seqs: int = 64
-    max_batch_tokens: int | None = None
-    block_size: int = 64
-    num_kv_blocks: int | None = None
-    kv_memory_fraction: float = 0.8
-    context_length: int | None = None
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    cpu_threads: int = 0
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def _device(text: str) -> str:
     if text in DEVICES or text.startswith("cuda:"):
         return text
     raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text}")
 
 
-def add_hf_args(parser: argparse.ArgumentParser, *, default_device: str = "auto") -> None:
-    d = HfSettings()
-    g = parser.add_argument_group("transformers engine (a Hugging Face causal LM)")
-    g.add_argument(
-        "--device",
-        type=_device,
-        default=default_device,
-        help="auto (cuda when available), cpu, cuda or cuda:N",
+@dataclass(frozen=True)
+class HfSettings:
+    """Everything the engine core is configured with: one field per flag, declared once.
+
+    ``model_path`` has no flag of its own: it is the worker's ``--model-path``, checked.
+    """
+
+    model_path: str = ""
+    device: str = option(
+        "auto", parse=_device, help="auto (cuda when available), cpu, cuda or cuda:N"
     )
-    g.add_argument(
-        "--dtype",
+    dtype: str = option(
+        "auto",
         choices=DTYPES,
-        default=d.dtype,
         help="weights and KV cache dtype; auto: the checkpoint's on CUDA, float32 on the CPU",
     )
-    g.add_argument(
-        "--max-num-seqs",
-        type=_positive_int,
-        default=d.max_num_seqs,
-        help="most requests in one forward pass (the rest wait)",
+    max_num_seqs: int = option(
+        64, parse=positive_int, help="most requests in one forward pass (the rest wait)"
     )
-    g.add_argument(
-        "--max-batch-tokens",
-        type=_positive_int,
-        default=None,
+    max_batch_tokens: int | None = option(
+        None,
+        parse=positive_int,
         help="token budget of one forward pass (default: sized from memory by transformers)",
     )
-    g.add_argument(
-        "--block-size",
-        type=_positive_int,
-        default=d.block_size,
-        help="KV cache block (page) size in tokens",
-    )
-    g.add_argument(
-        "--num-kv-blocks",
-        type=_positive_int,
-        default=None,
+    block_size: int = option(64, parse=positive_int, help="KV cache block (page) size in tokens")
+    num_kv_blocks: int | None = option(
+        None,
+        parse=positive_int,
         help="KV cache size in blocks (default: a fraction of free memory, see below)",
     )
-    g.add_argument(
-        "--kv-memory-fraction",
-        type=_fraction,
-        default=d.kv_memory_fraction,
-        help="on CUDA without --num-kv-blocks: share of free GPU memory for the KV cache",
+    kv_memory_fraction: float = option(
+        0.8,
+        parse=fraction(zero=False, one=True),
+        help="on CUDA without --num-kv-blocks: share of free GPU memory for the KV cache, "
+        "in (0, 1] (1: all of it)",
     )
-    g.add_argument(
-        "--context-length",
-        type=_positive_int,
-        default=None,
+    context_length: int | None = option(
+        None,
+        parse=positive_int,
         help="max prompt + output tokens (default: the model's max_position_embeddings)",
     )
-    g.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=d.enable_prefix_caching,
-        help="reuse the KV blocks of identical prompt prefixes",
+    enable_prefix_caching: bool = option(
+        True, help="reuse the KV blocks of identical prompt prefixes"
     )
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of unseeded sampled requests")
-    g.add_argument(
-        "--cpu-threads",
-        type=int,
-        default=d.cpu_threads,
+    seed: int = option(0, parse=int, help="seed of unseeded sampled requests")
+    cpu_threads: int = option(
+        0,
+        parse=int,
         help="torch intra-op threads (0: torch's default, one per core); 1 is fastest for "
         "small models on a shared or busy machine",
+    )
+
+
+def add_hf_args(parser: argparse.ArgumentParser, *, default_device: str = "auto") -> None:
+    add_dataclass_args(
+        parser,
+        HfSettings,
+        "transformers engine (a Hugging Face causal LM)",
+        defaults={"device": default_device},
     )
 
 
@@ -191,17 +161,4 @@ def _download(repo_id: str) -> Path:
 
 
 def settings_from_args(args: argparse.Namespace, model_path: str) -> HfSettings:
-    return HfSettings(
-        model_path=model_path,
-        device=args.device,
-        dtype=args.dtype,
-        max_num_seqs=args.max_num_seqs,
-        max_batch_tokens=args.max_batch_tokens,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_memory_fraction=args.kv_memory_fraction,
-        context_length=args.context_length,
-        enable_prefix_caching=args.enable_prefix_caching,
-        seed=args.seed,
-        cpu_threads=args.cpu_threads,
-    )
+    return dataclass_from_args(HfSettings, args, model_path=model_path)

@@ -221,21 +221,18 @@ class MockerEngine(LLMEngine):
 
     # -- requests ----------------------------------------------------------------------
     def _limit_max_tokens(self, request: PreprocessedRequest) -> int:
-        """The request's max_tokens after defaults and the context / KV capacity limits."""
+        """The request's max_tokens after defaults and the context / KV capacity limits.
+
+        The worker has already refused an empty prompt, one that fills the context and a
+        ``max_tokens`` of 0 (``backend_common.request_policy``, against the ``EngineConfig``
+        of ``start``); what is left to refuse is this worker's own KV capacity.
+        """
         s = self.settings
         prompt_len = len(request.token_ids)
-        if prompt_len == 0:
-            raise invalid_arg("token_ids must not be empty")
-        if prompt_len >= s.context_length:
-            raise invalid_arg(
-                f"prompt has {prompt_len} tokens; the context length is {s.context_length}"
-            )
         assert self.scheduler is not None
         requested = request.stop_conditions.max_tokens
         if requested is None:
             requested = s.default_max_tokens
-        if requested < 0:
-            raise invalid_arg(f"max_tokens must be >= 0, got {requested}")
         capacity = self.scheduler.max_sequence_tokens - prompt_len + 1
         if capacity < 1:
             raise invalid_arg(

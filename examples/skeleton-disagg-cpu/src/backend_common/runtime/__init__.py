@@ -8,7 +8,6 @@ worker (``worker``) composes discovery (``backend_common.discovery``), a request
 ``worker``          start-up, registration, admission, graceful shutdown (named steps)
 ``lifecycle``       the worker's phase (INIT ... STOPPED) and its ``forced`` flag
 ``adapter``         one accepted request: call home, ``engine.generate``, stream, terminal
-``request_policy``  request checks before ``generate`` (context length, vocabulary)
 ``health``          the canary payload, the canary, the idle canary and ``/health``
 ``status``          the system HTTP server (``/health``, ``/live``, ``/metrics``, files)
 ``kv_events/``      the KV event plane (NATS, ZMQ), publishers, the ``ZmqSource`` relay

@@ -6,7 +6,7 @@ control header was decoded. It
 
 1. calls home to the frontend (handshake first, so the frontend's wait ends);
 2. decodes the ``PreprocessedRequest`` (``incoming.decode()``) and checks it
-   (``request_policy``); a bad one gets a typed error prologue;
+   (``backend_common.request_policy``); a bad one gets a typed error prologue;
 3. runs ``engine.generate`` and writes each item as it comes;
 4. ends the stream with ``complete_final`` + ``sentinel``.
 
@@ -51,6 +51,7 @@ from ..errors import (
     stream_incomplete,
     unknown,
 )
+from ..request_policy import check_request
 from ..streams import close_stream
 from ..transport.callhome import CallHome
 from ..transport.codec import WireError
@@ -58,7 +59,6 @@ from ..transport.plane import IncomingRequest
 from ..types import FinishReason, LLMEngineOutput, PreprocessedRequest
 from ..validate import ContractViolation, maybe_validated
 from .metrics import WorkerMetrics
-from .request_policy import check_request
 from .tracing import GenerateTracer
 
 __all__ = ["ActiveRequest", "EngineAdapter"]

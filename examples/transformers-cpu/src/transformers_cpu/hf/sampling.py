@@ -1,8 +1,9 @@
 """Per-request sampling and stop rules, and the logits processor that applies them.
 
-``RequestParams.from_request`` turns a ``PreprocessedRequest`` into what the compute
-thread needs, on the event loop, raising a typed ``InvalidArgument`` for anything this
-engine cannot honour exactly. ``PerRequestSampler`` runs on the compute thread inside
+``RequestParams.from_request`` turns an admitted ``PreprocessedRequest`` (the worker ran
+``backend_common.request_policy`` on it) into what the compute thread needs, on the event
+loop, with the model's defaults for absent fields, raising a typed ``InvalidArgument`` only
+for what this engine does not do. ``PerRequestSampler`` runs on the compute thread inside
 ``ContinuousBatchingManager``'s forward step, once per step, over the logits rows of
 the requests that get a token this step.
 
@@ -31,8 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from backend_common import PreprocessedRequest
+from backend_common import EngineConfig, PreprocessedRequest
 from backend_common.errors import invalid_arg
+from backend_common.request_policy import check_request
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessor,
 )
@@ -115,76 +117,44 @@ class RequestParams:
         context_length: int,
         model_eos_ids: frozenset[int],
         defaults: SamplingDefaults,
-        vocab_size: int,
+        vocab_size: int | None = None,
     ) -> RequestParams:
-        """Check ``request`` against the model; ``InvalidArgument`` for what cannot be honoured.
+        """The decoding rules of an admitted ``request``, absent fields from ``defaults``.
 
-        ``max_tokens`` is clamped to ``context_length - prompt_len`` (absent: all of it).
-        EOS ids are the model's (generation config) plus the request's ``eos_token_ids``;
-        stop ids are ``stop_token_ids``, ``stop_token_ids_hidden`` and
-        ``stop_token_ids_visible``. ``ignore_eos`` drops both (Dynamo's
-        ``apply_ignore_eos``). The finishing token is part of the output either way.
+        The worker has checked ``request`` before ``generate`` with
+        ``backend_common.request_policy.check_request`` against the ``EngineConfig`` that
+        ``start`` returned (prompt, vocabulary, context, token counts, sampling ranges); this
+        only resolves defaults and refuses, with ``InvalidArgument``, what this engine does
+        not do (``n``/``best_of`` > 1, beam search, guided decoding, logprobs, a seed torch
+        cannot take). ``vocab_size`` is for callers whose ``EngineConfig`` does not state the
+        vocabulary (an ``engine.py`` generated before ``TransformersEngine``): given, the
+        same policy runs here with it.
+
+        ``max_tokens`` absent means all of ``context_length - prompt_len``. EOS ids are the
+        model's (generation config) plus the request's ``eos_token_ids``; stop ids are
+        ``stop_token_ids``, ``stop_token_ids_hidden`` and ``stop_token_ids_visible``.
+        ``ignore_eos`` drops both (Dynamo's ``apply_ignore_eos``). The finishing token is part
+        of the output either way.
         """
+        if vocab_size is not None:
+            policy = EngineConfig(model="-", context_length=context_length, vocab_size=vocab_size)
+            check_request(request, policy)
         prompt_len = len(request.token_ids)
-        if prompt_len == 0:
-            raise invalid_arg("token_ids must not be empty")
-        if prompt_len >= context_length:
-            raise invalid_arg(
-                f"prompt has {prompt_len} tokens; the model's context length is {context_length}"
-            )
-        bad = [t for t in request.token_ids if t >= vocab_size]
-        if bad:
-            raise invalid_arg(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})")
         sc, so = request.stop_conditions, request.sampling_options
         room = context_length - prompt_len
         max_tokens = room if sc.max_tokens is None else min(sc.max_tokens, room)
-        min_tokens = sc.min_tokens or 0
-        if min_tokens > max_tokens:
-            min_tokens = max_tokens  # a min above the (clamped) max cannot be met; max wins
+        min_tokens = min(sc.min_tokens or 0, max_tokens)
         # sc.stop (stop strings): a documented no-op here; the frontend's detokenizer matches
         # them on text and ends the stream (the engine then sees a stop/kill).
-
-        for name in ("n", "best_of"):
-            value = getattr(so, name)
-            if value is not None and value != 1:
-                raise invalid_arg(f"sampling_options.{name}={value} is not supported (only 1)")
-        if so.use_beam_search:
-            raise invalid_arg("beam search is not supported by this engine")
-        if so.guided_decoding is not None and so.guided_decoding.model_dump(exclude_none=True):
-            raise invalid_arg("guided decoding is not supported by this engine")
-        if request.output_options.logprobs is not None or (
-            request.output_options.prompt_logprobs is not None
-        ):
-            raise invalid_arg("logprobs are not supported by this engine")
+        _refuse_unsupported(request)
 
         temperature = so.temperature
         if temperature is None:
             temperature = defaults.temperature if defaults.do_sample else 0.0
-        if not math.isfinite(temperature) or temperature < 0:
-            raise invalid_arg(f"temperature must be >= 0, got {temperature}")
-        top_p = defaults.top_p if so.top_p is None else so.top_p
-        if not (0.0 < top_p <= 1.0):
-            raise invalid_arg(f"top_p must be in (0, 1], got {top_p}")
         top_k = defaults.top_k if so.top_k is None else so.top_k
-        if top_k == -1:
-            top_k = 0
-        if top_k < 0:
-            raise invalid_arg(f"top_k must be -1, 0 (off) or positive, got {top_k}")
-        min_p = so.min_p or 0.0
-        if not (0.0 <= min_p <= 1.0):
-            raise invalid_arg(f"min_p must be in [0, 1], got {min_p}")
         rep = (
             defaults.repetition_penalty if so.repetition_penalty is None else so.repetition_penalty
         )
-        if not math.isfinite(rep) or rep <= 0:
-            raise invalid_arg(f"repetition_penalty must be > 0, got {rep}")
-        presence, frequency = so.presence_penalty or 0.0, so.frequency_penalty or 0.0
-        for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
-            if not math.isfinite(value) or not (-2.0 <= value <= 2.0):
-                raise invalid_arg(f"{name} must be in [-2, 2], got {value}")
-        if so.seed is not None and not (0 <= so.seed < 2**63):
-            raise invalid_arg(f"seed must be in [0, 2**63), got {so.seed}")
-
         if sc.ignore_eos:
             eos_ids: frozenset[int] = frozenset()
             stop_ids: frozenset[int] = frozenset()
@@ -202,14 +172,33 @@ class RequestParams:
             eos_ids=eos_ids,
             stop_ids=stop_ids - eos_ids,
             temperature=float(temperature),
-            top_p=float(top_p),
-            top_k=int(top_k),
-            min_p=float(min_p),
+            top_p=float(defaults.top_p if so.top_p is None else so.top_p),
+            top_k=max(int(top_k), 0),  # -1 and 0 both mean off
+            min_p=float(so.min_p or 0.0),
             repetition_penalty=float(rep),
-            presence_penalty=float(presence),
-            frequency_penalty=float(frequency),
+            presence_penalty=float(so.presence_penalty or 0.0),
+            frequency_penalty=float(so.frequency_penalty or 0.0),
             seed=so.seed,
         )
+
+
+def _refuse_unsupported(request: PreprocessedRequest) -> None:
+    """``InvalidArgument`` for a valid request this engine cannot honour exactly."""
+    so = request.sampling_options
+    for name in ("n", "best_of"):
+        value = getattr(so, name)
+        if value is not None and value != 1:
+            raise invalid_arg(f"sampling_options.{name}={value} is not supported (only 1)")
+    if so.use_beam_search:
+        raise invalid_arg("beam search is not supported by this engine")
+    if so.guided_decoding is not None and so.guided_decoding.model_dump(exclude_none=True):
+        raise invalid_arg("guided decoding is not supported by this engine")
+    if request.output_options.logprobs is not None or (
+        request.output_options.prompt_logprobs is not None
+    ):
+        raise invalid_arg("logprobs are not supported by this engine")
+    if so.seed is not None and not (0 <= so.seed < 2**63):
+        raise invalid_arg(f"seed must be in [0, 2**63), got {so.seed}")
 
 
 class PerRequestSampler(ContinuousBatchingLogitsProcessor):

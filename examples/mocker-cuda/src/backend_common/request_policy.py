@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import math
 
-from ..config import DisaggregationMode, EngineConfig
-from ..errors import invalid_arg
-from ..types import PreprocessedRequest
+from .config import DisaggregationMode, EngineConfig
+from .errors import invalid_arg
+from .types import PreprocessedRequest
 
 __all__ = ["check_request"]
 

@@ -2,7 +2,7 @@
 
 An engine such as vLLM or SGLang already defines ``--model-path``, ``--served-model-name``,
 ``--tool-call-parser``, ``--reasoning-parser`` ... on its own parser. ``add_common_args``
-(``args.py``) adds Dynamo's flags through ``add_flag``, which never adds an option string
+(``parser.py``) adds Dynamo's flags through ``add_flag``, which never adds an option string
 the parser already has, in either order:
 
 * engine flags added first: Dynamo's flag is skipped (or only its taken spelling is);
@@ -27,7 +27,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import invalid_arg
+from ..errors import invalid_arg
 
 __all__ = [
     "SOURCES_DEST",
