@@ -40,7 +40,7 @@ from .publisher import ComponentSnapshot, KvEventSource, PushSource, ZmqSource
 from .worker import Worker, WorkerConfig
 
 if TYPE_CHECKING:
-    from .run import run
+    from .launch import run
 
 __all__ = [
     "BaseEngine",
@@ -69,7 +69,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # As backend_common.run: the worker's imports are paid only by a process that serves.
     if name == "run":
-        from .run import run
+        from .launch import run
 
         return run
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,10 +2,11 @@
 
 ``install(source_dirs)`` puts one finder first on ``sys.meta_path``. From then on:
 
-* ``dynamo.common.backend`` and its submodules ``engine``, ``worker``, ``run``,
-  ``publisher``, ``telemetry``, ``disagg``, ``health_check``, ``logprobs``, ``multimodal``,
-  ``dp_rank`` are this package and its modules (the same module objects: an engine's
-  ``isinstance`` checks and the adapter's agree);
+* ``dynamo.common.backend`` is a module with this package's public names, and its
+  submodules ``engine``, ``worker``, ``publisher``, ``telemetry``, ``disagg``,
+  ``health_check``, ``logprobs``, ``multimodal``, ``dp_rank`` (and ``run``: ``launch``) are
+  this package's modules (the same module objects: an engine's ``isinstance`` checks and the
+  adapter's agree);
 * ``dynamo._core`` and ``dynamo._core.backend`` are ``core``, ``dynamo.llm`` is ``llm``,
   ``dynamo.common.constants`` is ``constants``, ``dynamo.common.utils.token_ids`` is
   ``token_ids``;
@@ -34,11 +35,12 @@ from pathlib import Path
 __all__ = ["ALIASES", "PACKAGES", "install", "uninstall"]
 
 _PKG = __name__.rpartition(".")[0]
+# 1.6.1 submodule -> ours, where the names differ (``run`` is the entry-point module here).
+_MODULE_OF = {"run": "launch"}
 
 ALIASES: dict[str, str] = {
-    "dynamo.common.backend": _PKG,
     **{
-        f"dynamo.common.backend.{name}": f"{_PKG}.{name}"
+        f"dynamo.common.backend.{name}": f"{_PKG}.{_MODULE_OF.get(name, name)}"
         for name in (
             "engine",
             "worker",
@@ -76,6 +78,25 @@ class _AliasLoader(importlib.abc.Loader):
         module.__spec__ = importlib.util.find_spec(self.target)
 
 
+class _FacadeLoader(importlib.abc.Loader):
+    """``dynamo.common.backend``: a module of its own holding this package's public names.
+
+    Not the package object itself: importing ``dynamo.common.backend.run`` binds ``run`` on
+    its parent, which must not replace ``dynamo_compat.run`` (the function).
+    """
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        package = importlib.import_module(_PKG)
+        for name in package.__all__:
+            if name != "run":
+                setattr(module, name, getattr(package, name))
+        module.__all__ = [n for n in package.__all__ if n != "run"]  # type: ignore[attr-defined]
+        module.__path__ = []
+
+
 class _PackageLoader(importlib.abc.Loader):
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
         return None
@@ -94,8 +115,11 @@ class _DynamoFinder(importlib.abc.MetaPathFinder):
         path: Sequence[str] | None = None,
         target: types.ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
+        if fullname == "dynamo.common.backend":
+            return importlib.machinery.ModuleSpec(fullname, _FacadeLoader(), is_package=True)
         if fullname in ALIASES:
-            is_pkg = fullname == "dynamo.common.backend"
+            # dynamo._core is a package in 1.6.1 (dynamo._core.backend); the alias gets a __path__.
+            is_pkg = fullname == "dynamo._core"
             return importlib.machinery.ModuleSpec(
                 fullname, _AliasLoader(ALIASES[fullname]), is_package=is_pkg
             )

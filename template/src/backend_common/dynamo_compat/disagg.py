@@ -32,7 +32,7 @@ def require_prefill_result(request: GenerateRequest, mode: DisaggregationMode) -
     result = extract_prefill_result(request)
     if result is None:
         raise ValueError(
-            f"{mode.value} worker received a request with no prefill_result: the frontend's "
+            f"{mode.value} worker received request with no prefill_result: the frontend's "
             "prefill router should have forwarded disaggregated_params from a prefill worker"
         )
     return result

@@ -33,7 +33,7 @@ def require_encoder_result(request: GenerateRequest, mode: DisaggregationMode) -
     result = request.get("encoder_result")
     if result is None:
         raise ValueError(
-            f"{mode.value} worker received a request with no encoder_result: the frontend "
+            f"{mode.value} worker received request with no encoder_result: the frontend "
             "should have forwarded the encoder hand-off payload from an encode worker"
         )
     if not isinstance(result, dict):
