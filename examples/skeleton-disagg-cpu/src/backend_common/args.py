@@ -39,9 +39,11 @@ __all__ = [
     "SETTINGS",
     "Setting",
     "add_common_args",
+    "health_check_payload_from_env",
     "log_filter_from_env",
     "logging_jsonl_from_env",
     "parse_health_check_payload",
+    "prefill_drain_timeout_from_env",
     "settings_markdown",
     "worker_config_from_args",
 ]
@@ -521,6 +523,39 @@ def log_filter_from_env() -> str:
 def logging_jsonl_from_env() -> bool:
     """``DYN_LOGGING_JSONL``: whether ``run`` configures JSON-line logging."""
     return _from_env(_BY_FIELD["logging_jsonl"])
+
+
+def health_check_payload_from_env() -> dict[str, Any] | None:
+    """``DYN_HEALTH_CHECK_PAYLOAD`` as ``parse_health_check_payload`` reads it (marker stamped).
+
+    For engines that build their own canary payload and let the operator's value replace it
+    (``dynamo_compat.health_check``); the worker itself reads the variable through
+    ``SETTINGS``.
+    """
+    return parse_health_check_payload(_env("DYN_HEALTH_CHECK_PAYLOAD"))
+
+
+PREFILL_DRAIN_TIMEOUT_S = 30.0
+"""Default of ``DYN_PREFILL_DRAIN_TIMEOUT_S`` (Dynamo 1.6.1's prefill drain budget)."""
+
+
+def prefill_drain_timeout_from_env() -> float:
+    """``DYN_PREFILL_DRAIN_TIMEOUT_S``: seconds a prefill worker polls ``is_quiescent``.
+
+    Dynamo 1.6.1's reading: unset, unparseable or non-finite gives the default (30 s, with a
+    warning when set), a negative value gives 0. Read by ``dynamo_compat`` only.
+    """
+    raw = _env("DYN_PREFILL_DRAIN_TIMEOUT_S")
+    if raw is None:
+        return PREFILL_DRAIN_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        log.warning("DYN_PREFILL_DRAIN_TIMEOUT_S=%r is not a number; using 30s", raw)
+        return PREFILL_DRAIN_TIMEOUT_S
+    return max(value, 0.0)
 
 
 # -- the parser -----------------------------------------------------------------------------

@@ -13,13 +13,11 @@ command line. What maps to what, and what does not: docs/dynamo-compat.md.
 
 The names of 1.6.1's ``dynamo.common.backend`` package are exported here, plus ``Context``,
 ``DisaggregationMode``, ``ZmqSource`` / ``PushSource`` / ``ComponentSnapshot`` and ``run``;
-the submodules carry 1.6.1's helpers under 1.6.1's module names. ``run`` is loaded on first
-use, as ``backend_common.run`` is.
+the submodules carry 1.6.1's helpers under 1.6.1's module names. Importing the package
+does not import the worker: ``run`` does, when called.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
 
 from . import telemetry
 from .constants import DisaggregationMode
@@ -36,11 +34,9 @@ from .engine import (
     RawRequest,
     RawResponseChunk,
 )
+from .launch import Worker, run
 from .publisher import ComponentSnapshot, KvEventSource, PushSource, ZmqSource
-from .worker import Worker, WorkerConfig
-
-if TYPE_CHECKING:
-    from .launch import run
+from .worker import WorkerConfig
 
 __all__ = [
     "BaseEngine",
@@ -64,12 +60,3 @@ __all__ = [
     "run",
     "telemetry",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # As backend_common.run: the worker's imports are paid only by a process that serves.
-    if name == "run":
-        from .launch import run
-
-        return run
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,11 +29,30 @@ from typing import Any, NoReturn
 
 from . import aliases
 from .engine import BaseEngine
-from .worker import Worker, WorkerConfig
+from .worker import WorkerConfig
 
 __all__ = ["EngineFactory", "Worker", "main", "run"]
 
 EngineFactory = Callable[[list[str] | None], Awaitable[tuple[BaseEngine, WorkerConfig]]]
+
+
+class Worker:
+    """1.6.1's ``Worker(engine, config)``: ``await run()`` serves the engine on the running loop.
+
+    The engine is wrapped in ``DynamoEngineAdapter`` and ``config`` mapped with ``to_native``;
+    ``run`` returns the worker's exit code (docs/architecture.md).
+    """
+
+    def __init__(self, engine: BaseEngine, config: WorkerConfig) -> None:
+        self.engine = engine
+        self.config = config
+
+    async def run(self) -> int:
+        from ..runtime.runner import serve
+        from .adapter import adapt
+
+        engine, config = adapt(self.engine, self.config)
+        return await serve(engine, config)
 
 
 async def _build(

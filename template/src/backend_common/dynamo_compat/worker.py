@@ -9,9 +9,7 @@ no equivalent here raise ``InvalidArgument`` naming the field when set to anythi
 their default (the table in docs/dynamo-compat.md); ``use_kv_events`` is ignored with a
 ``DeprecationWarning``, as 1.6.1 does.
 
-``Worker(engine, config).run()`` serves a 1.6.1 engine on the current loop and returns the
-worker's exit code; ``dynamo_compat.run`` is the entry point that also sets up logging and
-exits the process.
+``launch.Worker(engine, config)`` serves an engine with it (1.6.1's ``Worker`` shim).
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import argparse
 import enum
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..args import add_common_args, parse_health_check_payload, worker_config_from_args
 from ..config import DisaggregationMode
@@ -28,10 +26,7 @@ from ..config import WorkerConfig as NativeWorkerConfig
 from ..errors import invalid_arg
 from .core import ModelInput
 
-if TYPE_CHECKING:
-    from .engine import BaseEngine
-
-__all__ = ["Worker", "WorkerConfig"]
+__all__ = ["WorkerConfig"]
 
 
 def _coerce_disaggregation_mode(value: Any) -> DisaggregationMode:
@@ -195,18 +190,3 @@ class WorkerConfig:
         if self.structural_tag is not None:
             overrides["structural_tag"] = self.structural_tag
         return worker_config_from_args(from_env, **overrides)
-
-
-class Worker:
-    """Serve one 1.6.1 engine with ``backend_common``'s worker (see the module docstring)."""
-
-    def __init__(self, engine: BaseEngine, config: WorkerConfig) -> None:
-        self.engine = engine
-        self.config = config
-
-    async def run(self) -> int:
-        from ..runtime.runner import serve
-        from .adapter import adapt
-
-        engine, config = adapt(self.engine, self.config)
-        return await serve(engine, config)
