@@ -18,6 +18,7 @@ Every engine emits token ids 1, 2, 3, ..., which the tiny model's tokenizer spel
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -36,6 +37,7 @@ SKELETON_SRC = REPO / "examples" / "skeleton-cpu" / "src"
 DELAY_S = "0.02"
 CANCEL_MAX_TOKENS = 1000  # 20 s of tokens at DELAY_S: a stream that was not cancelled shows
 CANCEL_RELEASE_S = 10.0
+PREFILL_DRAIN_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +135,48 @@ async def test_client_disconnect_cancels_the_stream(served) -> None:
     async with aiohttp.ClientSession() as session:
         after = await chat(session, stack.frontend.base_url, model, "w1", max_tokens=3, stream=True)
     assert after.status == 200 and after.finish_reason == "length"
+
+
+async def test_sample_engine_prefill_and_decode_serve_chat_and_prefill_drains(
+    make_stack, dynamo_backend_dir
+) -> None:
+    """1.6.1's sample engine in both disaggregated roles behind the frontend's prefill router.
+
+    The decode role raises when a request lacks ``prefill_result`` (``require_prefill_result``),
+    so a served request shows the prefill worker's ``disaggregated_params`` reached it. On
+    SIGTERM the prefill worker polls the sample's ``is_quiescent`` (it cannot tell: ``None``)
+    for ``DYN_PREFILL_DRAIN_TIMEOUT_S`` and then exits cleanly.
+    """
+    stack: Stack = make_stack("etcd", "tcp")
+    model_dir = str(stack.model_dir)
+    launch = ["-m", "backend_common.dynamo_compat.launch", "--source-dir", str(dynamo_backend_dir)]
+    launch += [SAMPLE_ENGINE, "--model-name", model_dir, "--delay", DELAY_S]
+    roles = {"prefill": ["--component", "prefill"], "decode": []}
+    procs = {}
+    for role, extra in roles.items():
+        env = stack.worker_env(DYN_PREFILL_DRAIN_TIMEOUT_S=str(PREFILL_DRAIN_S))
+        argv = [sys.executable, *launch, "--disaggregation-mode", role, *extra]
+        log = stack.workdir / f"worker-sample-{role}.log"
+        procs[role] = ManagedProcess(argv, env=env, log_path=log, cwd=REPO)
+        procs[role].start()
+        stack.workers.append(procs[role])
+    stack.frontend.wait_for_model(model_dir, timeout=90, watch=list(procs.values()))
+    wait_until(
+        lambda: "Prefill worker detected" in stack.frontend.log_text(),
+        30,
+        message="the frontend never found the prefill worker",
+    )
+    async with aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            result = await chat(
+                session, stack.frontend.base_url, model_dir, "w1 w2 w3", max_tokens=5, stream=stream
+            )
+            assert result.status == 200, (result.error, procs["decode"].log_tail())
+            assert result.usage is not None and result.usage["completion_tokens"] == 5
+            assert result.text.strip()
+    started = time.monotonic()
+    assert procs["prefill"].terminate(timeout=PREFILL_DRAIN_S + 20) == 0
+    assert time.monotonic() - started >= PREFILL_DRAIN_S
+    log = procs["prefill"].log_path.read_text(errors="replace")
+    assert "drain: waiting for prefill to quiesce" in log
+    assert f"drain: timed out at {PREFILL_DRAIN_S:.1f}s" in log
