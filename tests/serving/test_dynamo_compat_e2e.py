@@ -13,6 +13,8 @@ disconnects mid-stream):
   baseline the other two must match.
 
 Every engine emits token ids 1, 2, 3, ..., which the tiny model's tokenizer spells ``w1 w2 w3``.
+Last, the sample engine as a prefill and a decode worker behind the frontend's prefill router,
+and the prefill worker's drain through ``is_quiescent`` on SIGTERM.
 """
 
 from __future__ import annotations
