@@ -48,7 +48,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 try:
     import xxhash
@@ -113,6 +113,7 @@ def sequence_block_hashes(
 
 
 # -- what an engine calls (implemented by the worker) ------------------------------------
+@runtime_checkable
 class KvEventPublisher(Protocol):
     """One rank's block stored/removed events, handed to ``PushSource.on_ready`` once.
 

@@ -30,7 +30,7 @@ from ..errors import from_exception
 from .log import configure_logging
 from .worker import Worker
 
-__all__ = ["run"]
+__all__ = ["run", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,14 @@ EngineFactory = Callable[
     [list[str] | None],
     tuple[LLMEngine, WorkerConfig] | Awaitable[tuple[LLMEngine, WorkerConfig]],
 ]
+
+
+async def serve(engine: LLMEngine, config: WorkerConfig) -> int:
+    """Serve an already-built engine on the running loop; return the worker's exit code.
+
+    For callers that build the engine themselves (``dynamo_compat``'s ``Worker.run``).
+    """
+    return await Worker(engine, config).run()
 
 
 async def _main(
@@ -60,7 +68,7 @@ async def _main(
         logging_jsonl_from_env(),
     ):
         configure_logging(config.log_filter, jsonl=config.logging_jsonl)
-    return await Worker(engine, config).run()
+    return await serve(engine, config)
 
 
 def _asyncio_run(coro: Awaitable[int]) -> int:

@@ -25,19 +25,28 @@ Modules, one concept each:
 
 from __future__ import annotations
 
-from .environment import log_filter_from_env, logging_jsonl_from_env
+from .environment import (
+    PREFILL_DRAIN_TIMEOUT_S,
+    health_check_payload_from_env,
+    log_filter_from_env,
+    logging_jsonl_from_env,
+    prefill_drain_timeout_from_env,
+)
 from .parser import add_common_args, worker_config_from_args
 from .reference import settings_markdown
 from .table import SETTINGS, Setting
 from .values import parse_health_check_payload
 
 __all__ = [
+    "PREFILL_DRAIN_TIMEOUT_S",
     "SETTINGS",
     "Setting",
     "add_common_args",
+    "health_check_payload_from_env",
     "log_filter_from_env",
     "logging_jsonl_from_env",
     "parse_health_check_payload",
+    "prefill_drain_timeout_from_env",
     "settings_markdown",
     "worker_config_from_args",
 ]
