@@ -416,3 +416,107 @@ class KubeApiServer:
         new["metadata"] = new_meta
         stored = await self._store(api, plural, new)
         return web.json_response(stored, status=200 if old.get("metadata") else 201)
+
+
+ENDPOINTSLICES = ("apis/discovery.k8s.io/v1", "endpointslices")
+DISCOVERY_LABELS = {
+    "nvidia.com/dynamo-discovery-backend": "kubernetes",
+    "nvidia.com/dynamo-discovery-enabled": "true",
+}
+
+
+@dataclass
+class Pod:
+    """A worker 'pod' the endpoint controller reports: its identity and readiness probe."""
+
+    name: str
+    uid: str
+    health_url: str
+    override: bool | None = None  # None: follow the probe; True/False: forced
+    ready: bool = False
+
+
+class EndpointController:
+    """Plays the kubelet and the EndpointSlice controller for one Service.
+
+    Every ``period`` seconds it probes each pod's ``health_url`` (the readiness probe: HTTP
+    200 means ready) and, when a pod's readiness changes, writes the Service's EndpointSlice
+    (labelled for Dynamo discovery, one endpoint per pod with ``conditions.ready`` and a
+    ``targetRef`` to the pod) to the stand-in. ``set_ready(pod, value)`` forces a pod's
+    condition (``None`` returns it to the probe). Runs on a daemon thread; ``stop()`` ends it.
+    """
+
+    def __init__(
+        self, api: KubeApiServer, namespace: str, service: str = "backend", period: float = 0.1
+    ) -> None:
+        self.api, self.namespace, self.service, self.period = api, namespace, service, period
+        self.pods: dict[str, Pod] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def add(self, name: str, uid: str, health_url: str) -> None:
+        with self._lock:
+            self.pods[name] = Pod(name, uid, health_url)
+
+    def set_ready(self, name: str, value: bool | None) -> None:
+        with self._lock:
+            self.pods[name].override = value
+
+    def start(self) -> EndpointController:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _probe(self, url: str) -> bool:
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(url, timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def _run(self) -> None:
+        published: dict[str, bool] | None = None
+        while not self._stop.wait(self.period):
+            with self._lock:
+                pods = list(self.pods.values())
+            state = {}
+            for pod in pods:
+                probed = self._probe(pod.health_url) if pod.override is None else pod.override
+                pod.ready = probed
+                state[pod.name] = probed
+            if state == published:
+                continue
+            self.api.put_object(*ENDPOINTSLICES, self._slice(pods))
+            published = state
+
+    def _slice(self, pods: list[Pod]) -> dict:
+        return {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": f"{self.service}-slice",
+                "namespace": self.namespace,
+                "labels": {**DISCOVERY_LABELS, "kubernetes.io/service-name": self.service},
+            },
+            "addressType": "IPv4",
+            "endpoints": [
+                {
+                    "addresses": ["127.0.0.1"],
+                    "conditions": {"ready": p.ready, "serving": p.ready, "terminating": False},
+                    "targetRef": {
+                        "kind": "Pod",
+                        "name": p.name,
+                        "namespace": self.namespace,
+                        "uid": p.uid,
+                    },
+                }
+                for p in pods
+            ],
+        }

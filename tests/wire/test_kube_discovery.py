@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
-import yaml
 from conftest import REPO, RUNTIME_SRC
+from dwm_schema import dwm_errors
 from kube_apiserver import KubeApiServer
 
 from backend_common.config import WorkerConfig
@@ -44,16 +43,8 @@ from backend_common.kv_events import event_channel_record
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 CAPTURE = json.loads((FIXTURES / "kube-wire-dynamo-1.6.1.json").read_text())
-CRD = yaml.safe_load((FIXTURES / "dynamoworkermetadata-v1alpha1.crd.yaml").read_text())
 DWM_API = "apis/nvidia.com/v1alpha1"
 NS = "dyn"
-
-
-def crd_errors(obj: dict[str, Any]) -> list[str]:
-    """Validation errors of ``obj`` against the CRD's ``openAPIV3Schema``."""
-    schema = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    validator = jsonschema.Draft202012Validator(schema)
-    return [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(obj)]
 
 
 def capture_patches() -> list[dict[str, Any]]:
@@ -176,7 +167,7 @@ async def test_requests_match_the_1_6_1_capture(api: KubeApiServer, tmp_path: Pa
         assert req.headers.get("Accept", "").startswith("application/json")
         assert req.status in (200, 201)
         body = req.body
-        assert crd_errors(body) == []
+        assert dwm_errors(body) == []
         assert body["apiVersion"] == ref["body"]["apiVersion"]
         assert body["kind"] == ref["body"]["kind"]
         assert body["metadata"] == ref["body"]["metadata"]  # name + ownerReferences, exactly
@@ -215,7 +206,7 @@ async def test_whole_object_on_every_change(api: KubeApiServer, tmp_path: Path) 
     assert stored is not None
     assert stored["spec"]["data"] == {m: {} for m in kube_mod._MAPS}
     for req in api.requests_to("dynamoworkermetadatas", "PATCH"):
-        assert crd_errors(req.body) == []
+        assert dwm_errors(req.body) == []
     with pytest.raises(DynamoError, match="v1/<instances"):
         await d.put("v1/other/x", {})
     await d.close()
