@@ -253,7 +253,7 @@ SETTINGS: tuple[Setting, ...] = (
         "etcd",
         "where the worker registers",
         flag="--discovery-backend",
-        choices=("etcd", "file"),
+        choices=("etcd", "file", "kubernetes"),
     ),
     Setting(
         "request_plane",
@@ -352,6 +352,28 @@ SETTINGS: tuple[Setting, ...] = (
         "DYN_FILE_KV",
         None,
         "file discovery root; unset: $TMPDIR/dynamo_store_kv",
+    ),
+    # Kubernetes discovery: the downward API gives the pod's identity (docs/wire-protocol.md).
+    Setting("pod_name", "POD_NAME", None, "kubernetes discovery: this pod's name"),
+    Setting("pod_namespace", "POD_NAMESPACE", None, "kubernetes discovery: this pod's namespace"),
+    Setting("pod_uid", "POD_UID", None, "kubernetes discovery: this pod's uid (owner reference)"),
+    Setting(
+        "container_name",
+        "CONTAINER_NAME",
+        None,
+        "kubernetes discovery, container mode: this container's name",
+    ),
+    Setting(
+        "kube_discovery_mode",
+        "DYN_KUBE_DISCOVERY_MODE",
+        "pod",
+        "kubernetes discovery: pod (one identity per pod) or container (one per container)",
+    ),
+    Setting(
+        "kubeconfig",
+        "KUBECONFIG",
+        None,
+        "kubernetes discovery: kubeconfig file; unset: the in-cluster service account",
     ),
     Setting("tcp_host", "DYN_TCP_RPC_HOST", "127.0.0.1", "TCP request plane bind address"),
     Setting("tcp_port", "DYN_TCP_RPC_PORT", 0, "TCP request plane port (0: any)", parse=int),
