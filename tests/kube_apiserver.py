@@ -37,6 +37,7 @@ import asyncio
 import copy
 import json
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,6 +65,7 @@ class Recorded:
     headers: dict[str, str]
     body: Any = None
     status: int = 0
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 @dataclass
@@ -451,6 +453,7 @@ class EndpointController:
     ) -> None:
         self.api, self.namespace, self.service, self.period = api, namespace, service, period
         self.pods: dict[str, Pod] = {}
+        self.first_ready: dict[str, float] = {}  # pod -> when its probe first passed
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -489,6 +492,8 @@ class EndpointController:
             state = {}
             for pod in pods:
                 probed = self._probe(pod.health_url) if pod.override is None else pod.override
+                if probed and pod.override is None:
+                    self.first_ready.setdefault(pod.name, time.monotonic())
                 pod.ready = probed
                 state[pod.name] = probed
             if state == published:

@@ -14,9 +14,13 @@ server is away.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,7 +67,8 @@ def start_worker(
             "POD_UID": f"uid-{pod}",
             "POD_NAMESPACE": NS,
             "PYTHONPATH": f"{RUNTIME_SRC}:{REPO}",
-            "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS": "0.2",
+            # Long enough to watch /health turn not ready while the worker drains.
+            "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS": "1.0",
         }
     )
     argv = [sys.executable, "-m", "tests.e2e_engine", "--model-path", str(model_dir)]
@@ -85,6 +90,18 @@ async def served_by(
             assert result.ok, (result.status, result.error)
     await asyncio.sleep(0.2)  # the finish line is logged right after the last item
     return {pod: len(events(p, "finish")) - before[pod] for pod, p in procs.items()}
+
+
+def http_status(url: str) -> int:
+    """The status code of GET ``url``; 0 when nothing answers."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=1) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
 
 
 def removed_logged(fe: Frontend, pod: str) -> bool:
@@ -160,6 +177,27 @@ async def test_frontend_serves_and_drops_kube_workers(
             assert (await served_by(fe.base_url, workers, 4))["worker-b"] == 4
         finally:
             api.resume()
+        # -- readiness agrees with the object: ready only after registration -----------------
+        first_ready = controller.first_ready["worker-a"]
+        registered = min(
+            r.at
+            for r in api.requests_to("dynamoworkermetadatas/worker-a", "PATCH")
+            if r.body["spec"]["data"]["endpoints"]
+        )
+        assert registered < first_ready
+        # -- b drains: /health says not ready while it still answers, then the object empties
+        assert b.pid is not None
+        os.kill(b.pid, signal.SIGTERM)
+        health = f"http://127.0.0.1:{port_b}/health"
+        codes = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and b.running:
+            codes.append(http_status(health))
+            await asyncio.sleep(0.02)
+        assert 503 in codes and 200 not in codes[codes.index(503) :], codes
+        assert b.wait(timeout=30) == 0
+        stored = api.get_object(*DWM, NS, "worker-b")
+        assert stored is not None and not any(stored["spec"]["data"].values()), stored
         # -- every object our workers sent is a valid DynamoWorkerMetadata ------------------
         patches = api.requests_to("dynamoworkermetadatas", "PATCH")
         assert patches and all(dwm_errors(r.body) == [] for r in patches)
@@ -167,6 +205,115 @@ async def test_frontend_serves_and_drops_kube_workers(
             f"\nkube e2e: listed {t_listed:.2f}s after start, removed {t_not_ready:.2f}s after "
             f"not-ready, {t_deleted:.2f}s after object deletion; split {split}"
         )
+    finally:
+        for proc in procs:
+            proc.terminate(timeout=15)
+        fe.stop()
+
+
+def pod_object(name: str, containers: dict[str, bool]) -> dict:
+    """A Pod as the kubelet reports it: one container status per container, ready or not."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "uid": f"uid-{name}",
+            "labels": {
+                "nvidia.com/dynamo-discovery-backend": "kubernetes",
+                "nvidia.com/dynamo-discovery-enabled": "true",
+            },
+        },
+        "spec": {"containers": [{"name": c, "image": "backend"} for c in containers]},
+        "status": {
+            "phase": "Running",
+            "containerStatuses": [
+                {
+                    "name": c,
+                    "ready": ready,
+                    "restartCount": 0,
+                    "image": "backend",
+                    "imageID": "backend@sha256:0",
+                    "started": True,
+                }
+                for c, ready in containers.items()
+            ],
+        },
+    }
+
+
+async def test_container_mode_with_the_real_frontend(
+    kube: tuple[KubeApiServer, EndpointController, Path],
+    tmp_path: Path,
+    tiny_model: Path,
+    frontend_python: str,
+) -> None:
+    """DYN_KUBE_DISCOVERY_MODE=container: the frontend watches Pods and their container
+    statuses; our worker in container ``engine-0`` registers as ``{pod}-engine-0`` under the
+    id of that name, and the frontend routes to it once that container is ready."""
+    api, _, kubeconfig = kube
+    container_env = {"DYN_KUBE_DISCOVERY_MODE": "container"}
+    fe = Frontend(
+        workdir=tmp_path / "fe",
+        python=frontend_python,
+        discovery_backend="kubernetes",
+        kubeconfig=kubeconfig,
+        extra_env={
+            **container_env,
+            "CONTAINER_NAME": "main",
+            "POD_NAME": "frontend-0",
+            "POD_UID": "uid-frontend",
+            "POD_NAMESPACE": NS,
+        },
+    )
+    procs: list[ManagedProcess] = []
+    fe.start()
+    try:
+        port = free_system_port()
+        env = worker_env(discovery_backend="kubernetes", kubeconfig=kubeconfig, system_port=port)
+        env.update(
+            {
+                **container_env,
+                "CONTAINER_NAME": "engine-0",
+                "POD_NAME": "worker-c",
+                "POD_UID": "uid-worker-c",
+                "POD_NAMESPACE": NS,
+                "PYTHONPATH": f"{RUNTIME_SRC}:{REPO}",
+            }
+        )
+        argv = [sys.executable, "-m", "tests.e2e_engine", "--model-path", str(tiny_model)]
+        argv += ["--model-name", MODEL]
+        log = tmp_path / "worker-c.log"
+        worker = ManagedProcess(argv, env=hermetic_env(env), log_path=log, cwd=REPO)
+        procs.append(worker.start())
+        wait_until(
+            lambda: api.get_object(*DWM, NS, "worker-c-engine-0") is not None,
+            LISTED_BOUND_S,
+            message="worker-c-engine-0 written",
+        )
+        stored = api.get_object(*DWM, NS, "worker-c-engine-0")
+        assert stored is not None and dwm_errors(stored) == []
+        assert stored["metadata"]["ownerReferences"][0]["name"] == "worker-c"
+        iid = instance_id_for("worker-c-engine-0")
+        wait_until(
+            lambda: bool(
+                (api.get_object(*DWM, NS, "worker-c-engine-0") or {})["spec"]["data"]["endpoints"]
+            ),
+            LISTED_BOUND_S,
+            message="endpoint registered",
+        )
+        data = api.get_object(*DWM, NS, "worker-c-engine-0")["spec"]["data"]  # type: ignore[index]
+        assert list(data["endpoints"]) == [f"dynamo/backend/generate/{iid:x}"]
+        api.put_object("api/v1", "pods", pod_object("worker-c", {"engine-0": True}))
+        fe.wait_for_model(MODEL, timeout=LISTED_BOUND_S, watch=[worker])
+        split = await served_by(fe.base_url, {"worker-c": worker}, 4)
+        assert split == {"worker-c": 4}
+        # The container turns not ready: the frontend drops it (by the container-mode id).
+        marked = time.monotonic()
+        api.put_object("api/v1", "pods", pod_object("worker-c", {"engine-0": False}))
+        fe.wait_model_gone(MODEL, timeout=REMOVED_BOUND_S)
+        print(f"\nkube container mode: removed {time.monotonic() - marked:.2f}s after not-ready")
     finally:
         for proc in procs:
             proc.terminate(timeout=15)
