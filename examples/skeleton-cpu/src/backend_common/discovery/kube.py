@@ -17,7 +17,9 @@ server-side apply, as Dynamo 1.6.1 does: ``PATCH .../dynamoworkermetadatas/{name
 ``force=true``, the object owned by the pod (``ownerReferences``: the Pod with ``POD_UID``,
 ``controller: true``, ``blockOwnerDeletion: false``) so Kubernetes deletes it with the pod.
 The instance id is fixed by the pod's name (``kube_identity.instance_id_for``), so it never
-changes and ``on_reregistered`` is never called.
+changes and ``on_reregistered`` is never called. The object is this pod's alone, so ``put``
+replaces a key's value instead of refusing it (the create-if-absent rule of ``Discovery``
+guards keys that several processes share, which cannot happen here).
 
 The object alone does not make the worker routable: the frontend counts a worker once the
 EndpointSlice of its pod lists it ready, which the kubelet decides from the readiness probe
@@ -66,6 +68,7 @@ __all__ = [
     "CRD_PLURAL",
     "FIELD_MANAGER",
     "KubeDiscovery",
+    "PermissionDenied",
     "PodIdentity",
     "data_map_key",
 ]
