@@ -318,8 +318,9 @@ def test_worker_process_exits_non_zero(failure: str, tmp_path: Path, tiny_model:
 async def test_in_cluster_service_account_when_no_kubeconfig(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without KUBECONFIG the pod's service account is used: the API server address from
-    KUBERNETES_SERVICE_HOST/PORT, the token and CA from the mounted secret."""
+    """Without KUBECONFIG (and no ~/.kube/config) the pod's service account is used: the API
+    server address from KUBERNETES_SERVICE_HOST/PORT, the token and CA from the mounted
+    secret."""
     from kubernetes_asyncio.config import incluster_config, kube_config
 
     token, ca = tmp_path / "token", tmp_path / "ca.crt"
@@ -329,6 +330,7 @@ async def test_in_cluster_service_account_when_no_kubeconfig(
     monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "none"))
     ident = PodIdentity("worker-0", "uid-0", NS)
     configuration = await KubeDiscovery(ident)._load_config()
     assert configuration.host == "https://10.0.0.1:6443"
@@ -336,8 +338,7 @@ async def test_in_cluster_service_account_when_no_kubeconfig(
     assert "sa-token" in str(configuration.api_key)
     # Neither a service account nor a kubeconfig: a clear error, not a traceback.
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
-    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "none"))
-    with pytest.raises(DynamoError, match="cannot configure from the in-cluster"):
+    with pytest.raises(DynamoError, match="cannot configure from ~/.kube/config or the in-clu"):
         await KubeDiscovery(ident)._load_config()
     with pytest.raises(DynamoError, match="cannot configure from KUBECONFIG="):
         await KubeDiscovery(ident, kubeconfig=str(tmp_path / "missing"))._load_config()

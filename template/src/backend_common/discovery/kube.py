@@ -25,10 +25,11 @@ The object alone does not make the worker routable: the frontend counts a worker
 EndpointSlice of its pod lists it ready, which the kubelet decides from the readiness probe
 (the status server's ``/health``, ready only between registration and draining).
 
-Configuration: ``KUBECONFIG`` when set, else the in-cluster service account, else
-``~/.kube/config``. The pod identity comes from ``/etc/podinfo/{pod_name,pod_uid,
-pod_namespace}`` when those files exist (a downward-API volume), else from ``POD_NAME``,
-``POD_UID``, ``POD_NAMESPACE`` (default ``default``), as 1.6.1 reads it.
+Configuration: ``KUBECONFIG`` when set, else ``~/.kube/config`` when it exists, else the
+in-cluster service account (the order of the Rust client 1.6.1 uses). The pod identity
+comes from ``/etc/podinfo/{pod_name,pod_uid,pod_namespace}`` when those files exist (a
+downward-API volume), else from ``POD_NAME``, ``POD_UID``, ``POD_NAMESPACE`` (default
+``default``), as 1.6.1 reads it.
 
 Failure handling:
 
@@ -269,15 +270,17 @@ class KubeDiscovery(Discovery):
                     config_file=self._kubeconfig, client_configuration=configuration
                 )
                 return configuration
+            # kube-rs's order (Config::infer), which 1.6.1 uses: a kubeconfig at the default
+            # place first, then the pod's service account.
             try:
-                config.load_incluster_config(client_configuration=configuration)
-            except config.ConfigException:
                 await config.load_kube_config(client_configuration=configuration)
+            except (config.ConfigException, OSError):
+                config.load_incluster_config(client_configuration=configuration)
         except (config.ConfigException, OSError) as exc:
             source = (
                 f"KUBECONFIG={self._kubeconfig}"
                 if self._kubeconfig
-                else ("the in-cluster service account or ~/.kube/config")
+                else "~/.kube/config or the in-cluster service account"
             )
             raise cannot_connect(
                 f"kubernetes discovery: cannot configure from {source}: {exc}"
