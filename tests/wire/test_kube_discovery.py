@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -342,3 +343,63 @@ async def test_in_cluster_service_account_when_no_kubeconfig(
         await KubeDiscovery(ident)._load_config()
     with pytest.raises(DynamoError, match="cannot configure from KUBECONFIG="):
         await KubeDiscovery(ident, kubeconfig=str(tmp_path / "missing"))._load_config()
+
+
+def test_the_runtime_imports_without_kubernetes_asyncio() -> None:
+    """Only the Kubernetes backend needs the package, and only once it connects."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'kubernetes_asyncio':\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import backend_common, backend_common.runtime.worker\n"
+        "from backend_common.config import WorkerConfig\n"
+        "from backend_common.discovery import create_discovery\n"
+        "create_discovery(WorkerConfig(discovery_backend='file', file_kv='/tmp/x'))\n"
+        "d = create_discovery(WorkerConfig(discovery_backend='kubernetes', pod_name='p',"
+        " pod_uid='u'))\n"
+        "print(hex(d.instance_id))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=hermetic_env({"PYTHONPATH": str(RUNTIME_SRC)}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == hex(instance_id_for("p"))
+
+
+async def test_forbidden_while_serving_logs_one_line_and_keeps_retrying(
+    api: KubeApiServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(kube_mod, "RETRY_S", 0.05)
+    d = make(api, tmp_path)
+    await d.connect()
+    records = worker_records(d)
+    await d.register(records[:2])
+    api.pause()
+    await d.put(*records[2])  # deferred: the server is away
+    api.deny("patch", "dynamoworkermetadatas")  # ...and comes back without the permission
+    api.resume()
+    with caplog.at_level("ERROR", logger=kube_mod.__name__):
+        await asyncio.sleep(1.0)
+    denied = [r for r in caplog.records if "may not patch" in r.getMessage()]
+    assert len(denied) == 1, [r.getMessage() for r in caplog.records]
+    assert len(api.requests_to("dynamoworkermetadatas", "PATCH")) > 5  # still retrying
+    api.allow_all()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        stored = api.get_object(DWM_API, "dynamoworkermetadatas", NS, "worker-0")
+        if stored and stored["spec"]["data"]["endpoints"]:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("not re-applied once the permission was granted")
+    await d.close()
