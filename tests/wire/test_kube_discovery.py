@@ -304,6 +304,7 @@ def test_worker_process_exits_non_zero(failure: str, tmp_path: Path, tiny_model:
         proc.terminate(timeout=5)
         api.stop()
     log = (tmp_path / "worker.log").read_text()
+    print(f"\nkube worker, {failure}: exit {code} after {elapsed:.1f}s")
     assert code == 1, log[-2000:]
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, log[-2000:]
