@@ -70,6 +70,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "log_filter": ("debug", "debug"),
     "tracing": ("1", True),
     "otel_exporter_protocol": ("grpc", "grpc"),
+    "kube_discovery_mode": ("container", "container"),
 }
 
 

@@ -309,15 +309,28 @@ def test_kubernetes_manifest_validates_against_the_dgd_crd(rendered, key: str) -
     components = {c["type"]: c for c in dgd["spec"]["components"]}
     roles = ["prefill", "decode"] if data["disagg_roles"] != "agg" else ["worker"]
     assert sorted(components) == sorted(["frontend", *roles])
+    # Kubernetes-native discovery, the operator's default: no etcd; NATS only for the NATS
+    # request plane (the event plane is ZMQ).
+    assert dgd["metadata"]["annotations"]["nvidia.com/dynamo-discovery-backend"] == "kubernetes"
     for role, component in components.items():
         [main] = component["podTemplate"]["spec"]["containers"]
         env = {e["name"]: e.get("value") for e in main["env"]}
-        # Discovery and both planes named explicitly: the operator's default discovery is
-        # Kubernetes-native, which this runtime does not speak.
-        assert env["DYN_DISCOVERY_BACKEND"] == "etcd"
-        assert env["ETCD_ENDPOINTS"] and env["NATS_SERVER"]
+        refs = {
+            e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+            for e in main["env"]
+            if "valueFrom" in e
+        }
+        assert env["DYN_DISCOVERY_BACKEND"] == "kubernetes"
+        assert "ETCD_ENDPOINTS" not in env
+        assert ("NATS_SERVER" in env) == (data["request_plane"] == "nats")
         assert env["DYN_REQUEST_PLANE"] == data["request_plane"]
-        assert env["DYN_EVENT_PLANE"] == "nats"
+        assert env["DYN_EVENT_PLANE"] == "zmq"
+        # The pod identity the DynamoWorkerMetadata is named after and owned by.
+        assert {k: refs[k] for k in ("POD_NAME", "POD_NAMESPACE", "POD_UID")} == {
+            "POD_NAME": "metadata.name",
+            "POD_NAMESPACE": "metadata.namespace",
+            "POD_UID": "metadata.uid",
+        }
         port = 8000 if role == "frontend" else int(env["DYN_SYSTEM_PORT"])
         assert main["livenessProbe"]["httpGet"] == {"path": "/live", "port": port}
         assert main["readinessProbe"]["httpGet"] == {"path": "/health", "port": port}
@@ -327,6 +340,8 @@ def test_kubernetes_manifest_validates_against_the_dgd_crd(rendered, key: str) -
             continue
         # The image `make docker` builds; a grace period longer than the worker's shutdown.
         assert main["image"] == f"{data['project_name']}:latest"
+        # Both planes advertise the pod's address to the frontend.
+        assert refs["DYN_TCP_RPC_HOST"] == refs["DYN_EVENT_PLANE_HOST"] == "status.podIP"
         grace = component["podTemplate"]["spec"]["terminationGracePeriodSeconds"]
         timeout = float(env["DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT"])
         assert grace > worker_shutdown_bound_s(timeout)

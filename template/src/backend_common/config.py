@@ -141,6 +141,14 @@ class WorkerConfig:
     etcd_endpoints: str = "http://localhost:2379"
     nats_server: str = "nats://localhost:4222"
     file_kv: str | None = None
+    # Kubernetes discovery (discovery/kube.py): the pod identity from the downward API, the
+    # per-container mode and an optional kubeconfig (unset: the in-cluster service account).
+    pod_name: str | None = None
+    pod_namespace: str | None = None
+    pod_uid: str | None = None
+    container_name: str | None = None
+    kube_discovery_mode: str = "pod"
+    kubeconfig: str | None = None
     tcp_host: str = "127.0.0.1"
     tcp_port: int = 0
     # Host of the ZMQ event plane's PUB sockets: bound and advertised (DYN_EVENT_PLANE_HOST).
@@ -180,9 +188,15 @@ class WorkerConfig:
                 f"unknown request plane codec '{self.request_plane_codec}' "
                 "(expected json or msgpack)"
             )
-        if self.discovery_backend not in ("etcd", "file"):
+        if self.discovery_backend not in ("etcd", "file", "kubernetes"):
             raise invalid_arg(
-                f"unknown discovery backend '{self.discovery_backend}' (expected etcd or file)"
+                f"unknown discovery backend '{self.discovery_backend}' "
+                "(expected etcd, file or kubernetes)"
+            )
+        if self.kube_discovery_mode not in ("pod", "container"):
+            raise invalid_arg(
+                f"invalid DYN_KUBE_DISCOVERY_MODE value '{self.kube_discovery_mode}' "
+                "(expected pod or container)"
             )
         if self.request_plane not in ("tcp", "nats"):
             raise invalid_arg(

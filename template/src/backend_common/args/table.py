@@ -128,7 +128,7 @@ SETTINGS: tuple[Setting, ...] = (
         "DYN_DISCOVERY_BACKEND",
         "where the worker registers",
         flag="--discovery-backend",
-        choices=("etcd", "file"),
+        choices=("etcd", "file", "kubernetes"),
     ),
     Setting(
         "request_plane",
@@ -223,6 +223,25 @@ SETTINGS: tuple[Setting, ...] = (
         "file_kv",
         "DYN_FILE_KV",
         "file discovery root; unset: $TMPDIR/dynamo_store_kv",
+    ),
+    # Kubernetes discovery: the downward API gives the pod's identity (docs/wire-protocol.md).
+    Setting("pod_name", "POD_NAME", "kubernetes discovery: this pod's name"),
+    Setting("pod_namespace", "POD_NAMESPACE", "kubernetes discovery: this pod's namespace"),
+    Setting("pod_uid", "POD_UID", "kubernetes discovery: this pod's uid (owner reference)"),
+    Setting(
+        "container_name",
+        "CONTAINER_NAME",
+        "kubernetes discovery, container mode: this container's name",
+    ),
+    Setting(
+        "kube_discovery_mode",
+        "DYN_KUBE_DISCOVERY_MODE",
+        "kubernetes discovery: pod (one identity per pod) or container (one per container)",
+    ),
+    Setting(
+        "kubeconfig",
+        "KUBECONFIG",
+        "kubernetes discovery: kubeconfig file; unset: the in-cluster service account",
     ),
     Setting("tcp_host", "DYN_TCP_RPC_HOST", "TCP request plane bind address"),
     Setting("tcp_port", "DYN_TCP_RPC_PORT", "TCP request plane port (0: any)", parse=int),

@@ -1,7 +1,7 @@
 """Discovery backends: how a worker makes itself known to the Dynamo frontend.
 
 ``create_discovery(config)`` picks the backend named by
-``WorkerConfig.discovery_backend`` (``etcd`` or ``file``); record and key helpers
+``WorkerConfig.discovery_backend`` (``etcd``, ``file`` or ``kubernetes``); record and key helpers
 live in ``base``. See ``base.Discovery`` for the call contract.
 """
 
@@ -41,12 +41,19 @@ def create_discovery(config: WorkerConfig) -> Discovery:
     password; for ``https://`` endpoints the TLS CA and client certificate, PEM file paths
     or PEM text; see ``etcd.EtcdTls``).
     file: ``config.file_kv`` (``DYN_FILE_KV``), else ``$TMPDIR/dynamo_store_kv``.
+    kubernetes: the pod identity (``POD_NAME``, ``POD_UID``, ``POD_NAMESPACE``, container mode)
+    and ``config.kubeconfig``; see ``kube.KubeDiscovery``. Raises ``InvalidArgument`` when the
+    pod identity is incomplete.
     """
     if config.discovery_backend == "etcd":
         from .etcd import EtcdDiscovery
 
         return EtcdDiscovery.from_options(config.etcd_endpoints, config.etcd)
-    # WorkerConfig accepts only "etcd" and "file" (it raises for anything else).
+    if config.discovery_backend == "kubernetes":
+        from .kube import KubeDiscovery
+
+        return KubeDiscovery.from_config(config)
+    # WorkerConfig accepts only "etcd", "file" and "kubernetes" (it raises for anything else).
     from .file import FileDiscovery, default_root
 
     return FileDiscovery(config.file_kv or default_root())

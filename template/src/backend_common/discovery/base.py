@@ -10,7 +10,8 @@ under keys the frontend watches:
   carries the model card.
 
 ``{id:x}`` is the *instance id* in lower-case hex. It is chosen by the discovery
-backend (the etcd lease id, or a random u64 for the file backend), so the worker
+backend (the etcd lease id, a random u64 for the file backend, a hash of the pod
+name for the Kubernetes backend), so the worker
 calls ``connect()`` first, reads ``instance_id``, then builds and ``put``s its
 records. The frontend reacts only to key creation and deletion: deleting the keys
 (``unregister_all``) takes the worker out of rotation at once; a crashed worker

@@ -43,11 +43,21 @@ PROBE_TIMEOUT_S = 2.0
 STOP_TIMEOUT_S = 15.0
 MIN_SYSTEM_PORT, MAX_SYSTEM_PORT = 20000, 32767
 
-DiscoveryBackend = Literal["file", "etcd"]
+DiscoveryBackend = Literal["file", "etcd", "kubernetes"]
 RequestPlane = Literal["tcp", "nats"]
 
 # Inherited variables that would silently change which stack a Dynamo process joins.
-_LEAKY_VARS = ("NATS_SERVER", "ETCD_ENDPOINTS", "DYN_FILE_KV", "HF_TOKEN")
+_LEAKY_VARS = (
+    "NATS_SERVER",
+    "ETCD_ENDPOINTS",
+    "DYN_FILE_KV",
+    "HF_TOKEN",
+    "KUBECONFIG",
+    "POD_NAME",
+    "POD_NAMESPACE",
+    "POD_UID",
+    "CONTAINER_NAME",
+)
 
 # Our own opener: no proxies (a corporate http_proxy must not see loopback traffic).
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -119,9 +129,12 @@ def _stack_vars(
     etcd_endpoint: str | None,
     nats_url: str | None,
     request_plane: RequestPlane,
+    kubeconfig: Path | str | None = None,
 ) -> dict[str, str]:
-    if discovery_backend not in ("file", "etcd"):
-        raise ValueError(f"discovery_backend must be 'file' or 'etcd', not {discovery_backend!r}")
+    if discovery_backend not in ("file", "etcd", "kubernetes"):
+        raise ValueError(
+            f"discovery_backend must be 'file', 'etcd' or 'kubernetes', not {discovery_backend!r}"
+        )
     if request_plane not in ("tcp", "nats"):
         raise ValueError(f"request_plane must be 'tcp' or 'nats', not {request_plane!r}")
     env: dict[str, str] = {
@@ -132,6 +145,11 @@ def _stack_vars(
         if file_kv is None:
             raise ValueError("file discovery needs file_kv (a directory shared by all processes)")
         env["DYN_FILE_KV"] = str(Path(file_kv).absolute())
+    elif discovery_backend == "kubernetes":
+        # The pod identity (POD_NAME, POD_NAMESPACE, POD_UID) is per process: the caller adds it.
+        if kubeconfig is None:
+            raise ValueError("kubernetes discovery needs kubeconfig (the API server to use)")
+        env["KUBECONFIG"] = str(Path(kubeconfig).absolute())
     else:
         if not etcd_endpoint:
             raise ValueError("etcd discovery needs etcd_endpoint, e.g. http://127.0.0.1:2379")
@@ -151,6 +169,7 @@ def worker_env(
     nats_url: str | None = None,
     request_plane: RequestPlane = "tcp",
     system_port: int | None = None,
+    kubeconfig: Path | str | None = None,
 ) -> dict[str, str]:
     """Variables a worker process needs to join a stack on loopback.
 
@@ -158,12 +177,15 @@ def worker_env(
     ``hermetic_env(worker_env(...))``. ``system_port`` sets ``DYN_SYSTEM_PORT`` (the worker's
     status server, which also serves the model card files to the frontend); a real Dynamo
     worker accepts at most 32767 there, see ``free_system_port``.
-    Raises ``ValueError`` for an incomplete combination (file without ``file_kv``, etcd
+    Raises ``ValueError`` for an incomplete combination (file without ``file_kv``, kubernetes
+    without ``kubeconfig`` (the pod identity variables are the caller's to add), etcd
     without ``etcd_endpoint``, nats request plane without ``nats_url``) or a port outside
     1..65535.
     """
     env = _loopback_vars()
-    env.update(_stack_vars(discovery_backend, file_kv, etcd_endpoint, nats_url, request_plane))
+    env.update(
+        _stack_vars(discovery_backend, file_kv, etcd_endpoint, nats_url, request_plane, kubeconfig)
+    )
     if system_port is not None:
         if not 0 < system_port < 65536:
             raise ValueError(f"system_port must be in 1..65535, got {system_port}")
@@ -207,6 +229,7 @@ class Frontend:
         etcd_endpoint: str | None = None,
         nats_url: str | None = None,
         request_plane: RequestPlane = "tcp",
+        kubeconfig: Path | str | None = None,
         router_mode: str | None = None,
         event_plane: str | None = None,
         http_port: int | None = None,
@@ -231,7 +254,9 @@ class Frontend:
         self.port = http_port or free_port()
         self.start_timeout = start_timeout
         self.log_path = self.workdir / "frontend.log"
-        stack = _stack_vars(discovery_backend, self.file_kv, etcd_endpoint, nats_url, request_plane)
+        stack = _stack_vars(
+            discovery_backend, self.file_kv, etcd_endpoint, nats_url, request_plane, kubeconfig
+        )
         self.env = hermetic_env(
             {
                 **_loopback_vars(),
