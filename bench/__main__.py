@@ -312,6 +312,7 @@ def cross_check_aiperf(
             warmup=warmup,
             max_tokens=max_tokens,
             artifact_dir=artifacts,
+            prompt_tokens=len(PROMPT.split()),
         )
         info.setdefault("command", shlex.join(argv).replace(str(workdir), "$WORKDIR"))
         print(f"bench: ({key}) aiperf at c={level}", flush=True)
