@@ -46,7 +46,7 @@ from .report import (
     timestamp,
     write_results,
 )
-from .targets import TARGETS, BenchStack, PeakRss, ProcessStats, RunningTarget
+from .targets import REPO, TARGETS, BenchStack, PeakRss, ProcessStats, RunningTarget
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SETTLE_S = 1.0  # after the model is listed, before reading idle RSS
@@ -314,7 +314,8 @@ def cross_check_aiperf(
             artifact_dir=artifacts,
             prompt_tokens=len(PROMPT.split()),
         )
-        info.setdefault("command", shlex.join(argv).replace(str(workdir), "$WORKDIR"))
+        shown = shlex.join(argv).replace(str(workdir), "$WORKDIR")
+        info.setdefault("command", shown.replace(str(REPO), "."))
         print(f"bench: ({key}) aiperf at c={level}", flush=True)
         try:
             figures = run_aiperf(argv, artifact_dir=artifacts, timeout=AIPERF_TIMEOUT_S)

@@ -71,6 +71,87 @@ def _goal_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _ceiling_lines(result: dict[str, Any]) -> list[str]:
+    """The frontend's own ceiling and every target's share of it (runs that measured it)."""
+    ceiling = result.get("frontend_ceiling")
+    if not ceiling:
+        return []
+    levels = list(ceiling["tokens_per_s"])
+    out = [
+        "",
+        "## The frontend's own ceiling",
+        "",
+        f"Target ({ceiling['target']}) is the cheapest worker the runtime can be: the reference",
+        "engine's tokens with no suspension per token, so the adapter relays up to 16 items per",
+        "socket write, while the frontend still receives, detokenizes and streams one item and",
+        "one SSE event per token. One core of frontend CPU at its cost per token carries the",
+        "ceiling below (`1000 / frontend CPU s per 1k tokens`), the most any worker behind this",
+        "frontend can reach on this machine; the other rows are each target's output tok/s as",
+        "a share of it.",
+        "",
+        "| | " + " | ".join(f"c={c}" for c in levels) + " |",
+        "|---" * (len(levels) + 1) + "|",
+        "| ceiling, output tok/s | "
+        + " | ".join(_f(ceiling["tokens_per_s"][c], thousands=True) for c in levels)
+        + " |",
+    ]
+    for key, row in ceiling["shares"].items():
+        out.append(f"| ({key}) share | " + " | ".join(_f(row.get(c), 2) for c in levels) + " |")
+    return out
+
+
+def _aiperf_lines(result: dict[str, Any]) -> list[str]:
+    """aiperf's figures next to the load generator's at the level it ran (if it ran)."""
+    cross = result.get("aiperf")
+    if not cross:
+        return []
+    out = ["", "## Cross-check with aiperf", ""]
+    if cross.get("error"):
+        return out + [f"aiperf did not run: {cross['error'][:300]}"]
+    out += [
+        f"aiperf {cross['version']} against every target at c={cross['concurrency']} "
+        f"({cross['requests']} requests after {cross['warmup']} warm-up, one run each, after",
+        "the measured rounds), with the load generator's request shape: a 32-token prompt,",
+        f"{result['config']['max_tokens']} output tokens, streaming, a new connection per "
+        "request, the server's token counts. Command (`$WORKDIR`: the run's work directory):",
+        "",
+        "```",
+        cross.get("command", ""),
+        "```",
+        "",
+        "| target | tok/s ours | tok/s aiperf | ours / aiperf | TTFT p50 ours | TTFT p50 aiperf"
+        " | ours / aiperf | aiperf in flight | aiperf client CPU s / 1k tokens"
+        " | our client CPU s / 1k tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, t in result["targets"].items():
+        figures = t.get("aiperf") or {}
+        if figures.get("error"):
+            out.append(f"| ({key}) | aiperf failed: {figures['error'][:100]} |" + " |" * 8)
+            continue
+        vs = t.get("aiperf_vs_ours")
+        if not vs:
+            continue
+        tok, ttft = vs["output_tokens_per_s"], vs["ttft_ms_p50"]
+        level = cross["concurrency"]
+        ours: dict[str, Any] = next((lv for lv in t["levels"] if lv["concurrency"] == level), {})
+        out.append(
+            f"| ({key}) | {_f(tok['ours'], thousands=True)} | {_f(tok['aiperf'], thousands=True)}"
+            f" | {_f(tok['ratio'], 2)} | {_f(ttft['ours'], 2)} | {_f(ttft['aiperf'], 2)} | "
+            f"{_f(ttft['ratio'], 2)} | {_f(figures.get('effective_concurrency'))} | "
+            f"{_f(figures.get('client_cpu_s_per_1k_tokens'), 4)} | "
+            f"{_f(ours.get('client_cpu_s_per_1k_tokens'), 4)} |"
+        )
+    out += [
+        "",
+        "Agreement means a ratio within 0.90 to 1.10. Both clients share the two cores with",
+        "the frontend and the worker, so a client that costs more CPU per request takes CPU",
+        "from the stack it measures and keeps fewer requests in flight than asked (the",
+        "in-flight column): its throughput is then lower and its TTFT longer for that reason.",
+    ]
+    return out
+
+
 def _ratio_table(result: dict[str, Any]) -> list[str]:
     levels = _levels(result)
     head = "| pair, ours / theirs | " + " | ".join(f"c={c}" for c in levels) + " |"
@@ -315,10 +396,12 @@ def render_doc(
         "",
         "Output tok/s ratio > 1: ours is faster; TTFT ratio < 1: ours answers first.",
         "",
-        "| target (issue 12) | measured | |",
+        "| target | measured | |",
         "|---|---|---|",
     ]
     out += _goal_lines(result)
+    out += _ceiling_lines(result)
+    out += _aiperf_lines(result)
     out += [
         "",
         "## Reading this run",
