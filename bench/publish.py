@@ -277,6 +277,7 @@ def render_doc(
     before: dict[str, Any] | None = None,
     profile: dict[str, Any] | None = None,
     worker_cpu: dict[str, Any] | None = None,
+    growth: dict[str, Any] | None = None,
 ) -> str:
     host, versions = result["host"], result.get("versions", {})
     out = [
@@ -483,8 +484,61 @@ def render_doc(
             "  Dynamo's own worker does: frames are only coalesced within one loop iteration,",
             "  never held back) and the event loop itself.",
         ]
+    out += _growth_lines(growth)
     out.append("")
     return "\n".join(out)
+
+
+def _growth_lines(growth: dict[str, Any] | None) -> list[str]:
+    """The mocker scheduler before (b0) and after (b) its change, in one run
+    (docs/benchmark/concurrency.json): what a token costs as the number of open streams grows."""
+    if not growth:
+        return []
+    targets = growth["targets"]
+    before, after = targets.get("b0"), targets.get("b")
+    if not before or not after:
+        return []
+    base = {
+        key: (_level(t, 64) or {}).get("worker_cpu_s_per_1k_tokens")
+        for key, t in (("b0", before), ("b", after))
+    }
+    out = [
+        "",
+        "## Cost per token as concurrency grows: the mocker's scheduler",
+        "",
+        "py-spy of the mocker example at c=64, 256 and 1024 (etcd discovery, KV events and",
+        "load snapshots on NATS) showed the share of the call-home socket writes",
+        "(`CallHome._flush`) and of the token channel's wake-ups (`TokenChannel.wait`) growing",
+        "with the number of streams: once a pass over hundreds of running sequences outlasted",
+        "the scheduler's 0.5 ms busy slice, the loop yielded after every pass, so every stream",
+        "was woken, and wrote to its socket, once per token instead of once per several. The",
+        "loop now yields after at least 4 passes (and never more than 5 ms of work). Both",
+        "versions in one run ([`benchmark/concurrency.json`](benchmark/concurrency.json),"
+        f" {growth['timestamp']}, load average {growth['host']['loadavg_at_start'][0]:.2f} at its"
+        " start; (b0) is the scheduler before the change):",
+        "",
+        "| c | worker CPU s / 1k tokens, before | after | vs c=64, before | after"
+        " | frontend CPU s / 1k tokens, before | after | output tok/s, before | after |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for lv in after["levels"]:
+        c = lv["concurrency"]
+        old = _level(before, c) or {}
+        grow_old = _ratio_or_none(old.get("worker_cpu_s_per_1k_tokens"), base["b0"])
+        grow_new = _ratio_or_none(lv.get("worker_cpu_s_per_1k_tokens"), base["b"])
+        out.append(
+            f"| {c} | {_f(old.get('worker_cpu_s_per_1k_tokens'), 4)} | "
+            f"{_f(lv.get('worker_cpu_s_per_1k_tokens'), 4)} | {_f(grow_old, 2)} | "
+            f"{_f(grow_new, 2)} | {_f(old.get('frontend_cpu_s_per_1k_tokens'), 4)} | "
+            f"{_f(lv.get('frontend_cpu_s_per_1k_tokens'), 4)} | "
+            f"{_f(old.get('output_tokens_per_s'), thousands=True)} | "
+            f"{_f(lv.get('output_tokens_per_s'), thousands=True)} |"
+        )
+    return out
+
+
+def _ratio_or_none(a: Any, b: Any) -> float | None:
+    return a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -504,8 +558,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("BEFORE", "AFTER"),
         help="python -m bench.worker_cpu --out files of the runtime before and after",
     )
+    p.add_argument(
+        "--concurrency-run",
+        type=Path,
+        help="result JSON of targets b0 (the mocker scheduler before) and b (after), one run",
+    )
     args = p.parse_args(argv)
     DOCS.mkdir(parents=True, exist_ok=True)
+    if args.concurrency_run is not None:
+        shutil.copyfile(args.concurrency_run, DOCS / "concurrency.json")
     if args.run is not None:
         shutil.copyfile(args.run, DOCS / "results.json")
     if args.before is not None:
@@ -537,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             _load(DOCS / "before.json"),
             _load(DOCS / "profile.json"),
             _load(DOCS / "worker_cpu.json"),
+            _load(DOCS / "concurrency.json"),
         )
     )
     README.write_text(update_readme(README.read_text(), render_readme_section(result)))

@@ -38,6 +38,7 @@ def test_benchmark_doc_is_generated_from_the_results() -> None:
         _load("before.json"),
         _load("profile.json"),
         _load("worker_cpu.json"),
+        _load("concurrency.json"),
     )
     assert DOC.read_text() == expected, "run `python -m bench.publish` to regenerate"
 
