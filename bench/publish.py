@@ -317,6 +317,13 @@ def render_doc(
         "  `--speedup-ratio` and the same scheduler defaults (block size 64, 256 sequences, an",
         "  8192-token budget, 16384 blocks, prefix caching on); both stream one token per item.",
         "  The example runs with `--device none` (Dynamo's mocker does no device work).",
+    ]
+    if "f" in result["targets"]:
+        out += [
+            "* (f), no pair: the cheapest worker (`bench.ceiling_worker`); its frontend CPU per",
+            "  token gives the frontend's own ceiling (see below).",
+        ]
+    out += [
         "",
         "Launch lines of this run (paths as on the machine that ran it; the model directory is the",
         "tokenizer-only test model `bench` writes into its work directory):",
