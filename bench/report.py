@@ -250,8 +250,9 @@ def format_table(result: dict[str, Any]) -> str:
                 f"  ({key}) tok/s {_fmt(tok['ours'], 0)} / {_fmt(tok['aiperf'], 0)} = "
                 f"{_fmt(tok['ratio'], 2)}; TTFT p50 {_fmt(ttft['ours'], 1)} / "
                 f"{_fmt(ttft['aiperf'], 1)} ms = {_fmt(ttft['ratio'], 2)}; aiperf kept "
-                f"{_fmt(figures.get('effective_concurrency'))} in flight, client CPU per 1k "
-                f"tokens {_fmt(figures.get('client_cpu_s_per_1k_tokens'), 3)} s"
+                f"{_fmt(figures.get('effective_concurrency'))} in flight, connect p50 "
+                f"{_fmt(figures.get('connecting_ms_p50'), 1)} ms, its CPU "
+                f"{_fmt(figures.get('client_cpu_s'), 1)} s"
             )
     lines.append("")
     lines.append("launch lines:")
