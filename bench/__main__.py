@@ -35,12 +35,25 @@ from typing import Any
 from backend_common.devstack.frontend import find_frontend_python
 from backend_common.devstack.tinymodel import write_tiny_model
 
+from .aiperf import AIPERF_VERSION, AiperfError, aiperf_command, compare, ensure_aiperf, run_aiperf
+from .aiperf import DEFAULT_VENV as AIPERF_VENV
 from .load import CONNECTION_MODE, PROMPT, LevelResult, run_level
-from .report import check_goals, format_table, ratios, timestamp, write_results
-from .targets import TARGETS, BenchStack, PeakRss, ProcessStats, RunningTarget
+from .report import (
+    check_goals,
+    format_table,
+    frontend_ceiling,
+    ratios,
+    timestamp,
+    write_results,
+)
+from .targets import REPO, TARGETS, BenchStack, PeakRss, ProcessStats, RunningTarget
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SETTLE_S = 1.0  # after the model is listed, before reading idle RSS
+DEFAULT_LEVELS = (1, 16, 64, 256, 512, 1024)
+HIGH_LEVEL = 256  # above it, fewer counted requests per slot (see level_plan)
+AIPERF_LEVEL = 64  # the level aiperf measures by default (one run per target)
+AIPERF_TIMEOUT_S = 600.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,12 +64,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated targets (default {','.join(TARGETS)}; smoke: a,c)",
     )
     p.add_argument(
-        "--concurrency", help="comma-separated levels (default 1,16,64,256; smoke: 1,16)"
+        "--concurrency",
+        help=f"comma-separated levels (default {','.join(map(str, DEFAULT_LEVELS))}; smoke: 1,16)",
     )
     p.add_argument(
         "--requests",
         type=int,
-        help="requests per level and round for c > 1, at least 3 per slot (default 200)",
+        help="requests per level and round for c > 1, at least 3 per slot up to c=256 and 2 "
+        "per slot above (default 200)",
     )
     p.add_argument("--requests-c1", type=int, help="requests per round at c=1 (default 40)")
     p.add_argument("--rounds", type=int, help="rounds over all levels (default 3; smoke: 1)")
@@ -70,13 +85,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="record py-spy profiles (collapsed stacks, <key>.txt) of our workers into this "
         "directory while they are measured (needs `pip install py-spy`)",
     )
+    p.add_argument(
+        "--aiperf-level",
+        type=int,
+        help="after the measured rounds, run aiperf (installed on first use into "
+        ".venv-aiperf) against every target at this concurrency and publish its figures "
+        "next to ours (default 64; smoke: off)",
+    )
+    p.add_argument("--no-aiperf", action="store_true", help="skip the aiperf cross-check")
+    p.add_argument("--aiperf-venv", type=Path, default=AIPERF_VENV, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     keys = args.targets or ("a,c" if args.smoke else ",".join(TARGETS))
     args.targets = [k.strip() for k in keys.split(",") if k.strip()]
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
         p.error(f"unknown targets {sorted(unknown)}; choose from {','.join(TARGETS)}")
-    levels = args.concurrency or ("1,16" if args.smoke else "1,16,64,256")
+    levels = args.concurrency or ("1,16" if args.smoke else ",".join(map(str, DEFAULT_LEVELS)))
     args.levels = [int(x) for x in levels.split(",") if x.strip()]
     if args.rounds is None:
         args.rounds = 1 if args.smoke else 3
@@ -84,14 +108,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.requests = 48 if args.smoke else 200
     if args.requests_c1 is None:
         args.requests_c1 = 10 if args.smoke else 40
+    if args.no_aiperf or (args.smoke and args.aiperf_level is None):
+        args.aiperf_level = None
+    elif args.aiperf_level is None:
+        args.aiperf_level = AIPERF_LEVEL
     return args
 
 
 def level_plan(args: argparse.Namespace) -> list[tuple[int, int, int]]:
-    """``(concurrency, requests, warmup)`` per level; the warm-up fills every slot once."""
+    """``(concurrency, requests, warmup)`` per level; the warm-up fills every slot once.
+
+    Every slot serves at least ``per_slot(c)`` counted requests, so each level's wall time
+    covers several generations of streams; above ``HIGH_LEVEL`` two per slot keep the run
+    (all targets, three rounds) under 15 minutes on the 2-core machine docs/benchmark.md
+    describes. Each request is bounded by the load generator's timeout, so a level ends within
+    ``ceil(requests / c) * timeout`` seconds whatever the worker does.
+    """
     plan = []
     for c in args.levels:
-        n = args.requests_c1 if c == 1 else max(args.requests, 3 * c)
+        per_slot = 3 if c <= HIGH_LEVEL else 2
+        n = args.requests_c1 if c == 1 else max(args.requests, per_slot * c)
         warmup = max(2, c) if args.smoke else max(10, c)
         plan.append((c, n, warmup))
     return plan
@@ -239,6 +275,66 @@ async def _measured_level(
     return level, cpu, peak.peak_kib
 
 
+def cross_check_aiperf(
+    stack: BenchStack,
+    running: dict[str, RunningTarget],
+    entries: dict[str, dict[str, Any]],
+    *,
+    level: int,
+    plan: list[tuple[int, int, int]],
+    max_tokens: int,
+    workdir: Path,
+    venv: Path,
+) -> dict[str, Any]:
+    """aiperf against every running target at ``level`` (the plan's requests and warm-up
+    there), one target at a time; each entry gets ``aiperf`` (its figures, or its error) and
+    ``aiperf_vs_ours`` (``bench.aiperf.compare`` with our pooled figures at that level)."""
+    n, warmup = next(((r, w) for c, r, w in plan if c == level), (max(200, 3 * level), level))
+    info: dict[str, Any] = {"concurrency": level, "requests": n, "warmup": warmup}
+    try:
+        aiperf = ensure_aiperf(venv)
+    except AiperfError as exc:
+        info["error"] = str(exc)
+        print(f"bench: aiperf unavailable: {exc}", file=sys.stderr, flush=True)
+        return info
+    info["version"] = AIPERF_VERSION
+    for key, rt in running.items():
+        if not rt.proc.running:
+            continue
+        artifacts = workdir / "aiperf" / key
+        argv = aiperf_command(
+            aiperf,
+            url=stack.base_url,
+            model=rt.model,
+            tokenizer=stack.model_dir,
+            concurrency=level,
+            requests=n,
+            warmup=warmup,
+            max_tokens=max_tokens,
+            artifact_dir=artifacts,
+            prompt_tokens=len(PROMPT.split()),
+        )
+        shown = shlex.join(argv).replace(str(workdir), "$WORKDIR")
+        info.setdefault("command", shown.replace(str(REPO), "."))
+        print(f"bench: ({key}) aiperf at c={level}", flush=True)
+        try:
+            figures = run_aiperf(argv, artifact_dir=artifacts, timeout=AIPERF_TIMEOUT_S)
+        except AiperfError as exc:
+            entries[key]["aiperf"] = {"error": str(exc)[:2000]}
+            print(f"  ({key}) aiperf FAILED: {exc}", file=sys.stderr, flush=True)
+            continue
+        entries[key]["aiperf"] = figures
+        ours = next((lv for lv in entries[key]["levels"] if lv["concurrency"] == level), None)
+        if ours is not None:
+            entries[key]["aiperf_vs_ours"] = compare(ours, figures)
+        print(
+            f"  ({key}) aiperf {figures['output_tokens_per_s'] or 0:9.0f} tok/s  "
+            f"TTFT p50 {figures['ttft_ms_p50'] or 0:.1f} ms  errors {figures['errors']}",
+            flush=True,
+        )
+    return info
+
+
 def start_profilers(running: dict[str, RunningTarget], out: Path) -> list[subprocess.Popen]:
     """One ``py-spy record --pid`` per worker of ours; stopped (and written) by SIGINT."""
     import shutil
@@ -366,6 +462,18 @@ def main(argv: list[str] | None = None) -> int:
                     rounds=args.rounds,
                     max_tokens=args.max_tokens,
                 )
+                stop_profilers(profilers)
+                if args.aiperf_level is not None:
+                    result["aiperf"] = cross_check_aiperf(
+                        stack,
+                        running,
+                        entries,
+                        level=args.aiperf_level,
+                        plan=plan,
+                        max_tokens=args.max_tokens,
+                        workdir=workdir,
+                        venv=args.aiperf_venv,
+                    )
             finally:
                 stop_profilers(profilers)
                 for rt in running.values():
@@ -374,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     result["host"]["loadavg_at_end"] = list(os.getloadavg())
     result["ratios"] = ratios(result["targets"])
     result["goals"] = check_goals(result["ratios"], result["targets"])
+    result["frontend_ceiling"] = frontend_ceiling(result["targets"])
     paths = write_results(result, args.out)
     print()
     print(format_table(result))

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .targets import PAIRS
+from .targets import CEILING, PAIRS
 
 __all__ = ["DOCS", "README", "render_doc", "render_readme_section", "update_readme"]
 
@@ -69,6 +69,88 @@ def _goal_lines(result: dict[str, Any]) -> list[str]:
         state = {True: "met", False: "**not met**", None: "n/a"}[goal["met"]]
         lines.append(f"| {goal['goal']} | {_f(goal['ratio'], 2)} | {state} |")
     return lines
+
+
+def _ceiling_lines(result: dict[str, Any]) -> list[str]:
+    """The frontend's own ceiling and every target's share of it (runs that measured it)."""
+    ceiling = result.get("frontend_ceiling")
+    if not ceiling:
+        return []
+    levels = list(ceiling["tokens_per_s"])
+    out = [
+        "",
+        "## The frontend's own ceiling",
+        "",
+        f"Target ({ceiling['target']}) is the cheapest worker the runtime can be: the reference",
+        "engine's tokens with no suspension per token, so the adapter relays up to 16 items per",
+        "socket write, while the frontend still receives, detokenizes and streams one item and",
+        "one SSE event per token. One core of frontend CPU at its cost per token carries the",
+        "ceiling below (`1000 / frontend CPU s per 1k tokens`), the most any worker behind this",
+        "frontend can reach on this machine; the other rows are each target's output tok/s as",
+        "a share of it.",
+        "",
+        "| | " + " | ".join(f"c={c}" for c in levels) + " |",
+        "|---" * (len(levels) + 1) + "|",
+        "| ceiling, output tok/s | "
+        + " | ".join(_f(ceiling["tokens_per_s"][c], thousands=True) for c in levels)
+        + " |",
+    ]
+    for key, row in ceiling["shares"].items():
+        out.append(f"| ({key}) share | " + " | ".join(_f(row.get(c), 2) for c in levels) + " |")
+    return out
+
+
+def _aiperf_lines(result: dict[str, Any]) -> list[str]:
+    """aiperf's figures next to the load generator's at the level it ran (if it ran)."""
+    cross = result.get("aiperf")
+    if not cross:
+        return []
+    out = ["", "## Cross-check with aiperf", ""]
+    if cross.get("error"):
+        return out + [f"aiperf did not run: {cross['error'][:300]}"]
+    out += [
+        f"aiperf {cross['version']} against every target at c={cross['concurrency']} "
+        f"({cross['requests']} requests after {cross['warmup']} warm-up, one run each, after",
+        "the measured rounds), with the load generator's request shape: a 32-token prompt,",
+        f"{result['config']['max_tokens']} output tokens, streaming, a new connection per "
+        "request, the server's token counts. Command (`$WORKDIR`: the run's work directory):",
+        "",
+        "```",
+        cross.get("command", ""),
+        "```",
+        "",
+        "| target | tok/s ours | tok/s aiperf | ours / aiperf | TTFT p50 ours | TTFT p50 aiperf"
+        " | ours / aiperf | aiperf in flight | aiperf connect p50 ms | aiperf CPU s, whole run"
+        " | our client CPU s / 1k tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, t in result["targets"].items():
+        figures = t.get("aiperf") or {}
+        if figures.get("error"):
+            out.append(f"| ({key}) | aiperf failed: {figures['error'][:100]} |" + " |" * 9)
+            continue
+        vs = t.get("aiperf_vs_ours")
+        if not vs:
+            continue
+        tok, ttft = vs["output_tokens_per_s"], vs["ttft_ms_p50"]
+        level = cross["concurrency"]
+        ours: dict[str, Any] = next((lv for lv in t["levels"] if lv["concurrency"] == level), {})
+        out.append(
+            f"| ({key}) | {_f(tok['ours'], thousands=True)} | {_f(tok['aiperf'], thousands=True)}"
+            f" | {_f(tok['ratio'], 2)} | {_f(ttft['ours'], 2)} | {_f(ttft['aiperf'], 2)} | "
+            f"{_f(ttft['ratio'], 2)} | {_f(figures.get('effective_concurrency'))} | "
+            f"{_f(figures.get('connecting_ms_p50'), 1)} | {_f(figures.get('client_cpu_s'), 1)} | "
+            f"{_f(ours.get('client_cpu_s_per_1k_tokens'), 4)} |"
+        )
+    out += [
+        "",
+        "Agreement means a ratio within 0.90 to 1.10. Both clients share the machine's cores",
+        "with the frontend and the worker, so a client that costs more CPU per request takes",
+        "CPU from the stack it measures, keeps fewer requests in flight than asked (the",
+        "in-flight column) and connects late (its connect time is mostly its own event loop's",
+        "delay): its throughput is then lower and its TTFT longer for that reason.",
+    ]
+    return out
 
 
 def _ratio_table(result: dict[str, Any]) -> list[str]:
@@ -196,6 +278,7 @@ def render_doc(
     before: dict[str, Any] | None = None,
     profile: dict[str, Any] | None = None,
     worker_cpu: dict[str, Any] | None = None,
+    growth: dict[str, Any] | None = None,
 ) -> str:
     host, versions = result["host"], result.get("versions", {})
     out = [
@@ -235,6 +318,13 @@ def render_doc(
         "  `--speedup-ratio` and the same scheduler defaults (block size 64, 256 sequences, an",
         "  8192-token budget, 16384 blocks, prefix caching on); both stream one token per item.",
         "  The example runs with `--device none` (Dynamo's mocker does no device work).",
+    ]
+    if CEILING in result["targets"]:
+        out += [
+            "* (z), no pair: the cheapest worker (`bench.ceiling_worker`); its frontend CPU per",
+            "  token gives the frontend's own ceiling (see below).",
+        ]
+    out += [
         "",
         "Launch lines of this run (paths as on the machine that ran it; the model directory is the",
         "tokenizer-only test model `bench` writes into its work directory):",
@@ -315,10 +405,12 @@ def render_doc(
         "",
         "Output tok/s ratio > 1: ours is faster; TTFT ratio < 1: ours answers first.",
         "",
-        "| target (issue 12) | measured | |",
+        "| target | measured | |",
         "|---|---|---|",
     ]
     out += _goal_lines(result)
+    out += _ceiling_lines(result)
+    out += _aiperf_lines(result)
     out += [
         "",
         "## Reading this run",
@@ -400,8 +492,61 @@ def render_doc(
             "  Dynamo's own worker does: frames are only coalesced within one loop iteration,",
             "  never held back) and the event loop itself.",
         ]
+    out += _growth_lines(growth)
     out.append("")
     return "\n".join(out)
+
+
+def _growth_lines(growth: dict[str, Any] | None) -> list[str]:
+    """The mocker scheduler before (b0) and after (b) its change, in one run
+    (docs/benchmark/concurrency.json): what a token costs as the number of open streams grows."""
+    if not growth:
+        return []
+    targets = growth["targets"]
+    before, after = targets.get("b0"), targets.get("b")
+    if not before or not after:
+        return []
+    base = {
+        key: (_level(t, 64) or {}).get("worker_cpu_s_per_1k_tokens")
+        for key, t in (("b0", before), ("b", after))
+    }
+    out = [
+        "",
+        "## Cost per token as concurrency grows: the mocker's scheduler",
+        "",
+        "py-spy of the mocker example at c=64, 256 and 1024 (etcd discovery, KV events and",
+        "load snapshots on NATS) showed the share of the call-home socket writes",
+        "(`CallHome._flush`) and of the token channel's wake-ups (`TokenChannel.wait`) growing",
+        "with the number of streams: once a pass over hundreds of running sequences outlasted",
+        "the scheduler's 0.5 ms busy slice, the loop yielded after every pass, so every stream",
+        "was woken, and wrote to its socket, once per token instead of once per several. The",
+        "loop now yields after at least 4 passes (and never more than 5 ms of work). Both",
+        "versions in one run ([`benchmark/concurrency.json`](benchmark/concurrency.json),"
+        f" {growth['timestamp']}, load average {growth['host']['loadavg_at_start'][0]:.2f} at its"
+        " start; (b0) is the scheduler before the change):",
+        "",
+        "| c | worker CPU s / 1k tokens, before | after | vs c=64, before | after"
+        " | frontend CPU s / 1k tokens, before | after | output tok/s, before | after |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for lv in after["levels"]:
+        c = lv["concurrency"]
+        old = _level(before, c) or {}
+        grow_old = _ratio_or_none(old.get("worker_cpu_s_per_1k_tokens"), base["b0"])
+        grow_new = _ratio_or_none(lv.get("worker_cpu_s_per_1k_tokens"), base["b"])
+        out.append(
+            f"| {c} | {_f(old.get('worker_cpu_s_per_1k_tokens'), 4)} | "
+            f"{_f(lv.get('worker_cpu_s_per_1k_tokens'), 4)} | {_f(grow_old, 2)} | "
+            f"{_f(grow_new, 2)} | {_f(old.get('frontend_cpu_s_per_1k_tokens'), 4)} | "
+            f"{_f(lv.get('frontend_cpu_s_per_1k_tokens'), 4)} | "
+            f"{_f(old.get('output_tokens_per_s'), thousands=True)} | "
+            f"{_f(lv.get('output_tokens_per_s'), thousands=True)} |"
+        )
+    return out
+
+
+def _ratio_or_none(a: Any, b: Any) -> float | None:
+    return a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -421,8 +566,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("BEFORE", "AFTER"),
         help="python -m bench.worker_cpu --out files of the runtime before and after",
     )
+    p.add_argument(
+        "--concurrency-run",
+        type=Path,
+        help="result JSON of targets b0 (the mocker scheduler before) and b (after), one run",
+    )
     args = p.parse_args(argv)
     DOCS.mkdir(parents=True, exist_ok=True)
+    if args.concurrency_run is not None:
+        shutil.copyfile(args.concurrency_run, DOCS / "concurrency.json")
     if args.run is not None:
         shutil.copyfile(args.run, DOCS / "results.json")
     if args.before is not None:
@@ -454,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
             _load(DOCS / "before.json"),
             _load(DOCS / "profile.json"),
             _load(DOCS / "worker_cpu.json"),
+            _load(DOCS / "concurrency.json"),
         )
     )
     README.write_text(update_readme(README.read_text(), render_readme_section(result)))

@@ -14,6 +14,8 @@ The targets come in like-for-like pairs, ours against Dynamo's (``PAIRS``):
   (``--disable-kv-routing``);
 * ``a-kv`` / ``c-kv``: the same, KV publishing on for both: per request one ``stored`` event
   when it starts and one ``removed`` event when it ends, and 10 Hz load snapshots;
+* ``f`` (no pair): ``bench.ceiling_worker``, the cheapest worker the runtime can be; its
+  frontend CPU per token is the frontend's own ceiling that every target is reported against;
 * ``b`` / ``d``: the rendered mocker example against Dynamo's Rust mocker at the same
   ``--speedup-ratio`` (100) and the same scheduler defaults (block size 64, 256 sequences,
   8192-token budget, 16384 blocks), both with prefix caching and KV events on. The example runs
@@ -46,6 +48,7 @@ from backend_common.devstack.frontend import (
 from backend_common.devstack.services import EtcdServer, ManagedProcess, NatsServer
 
 __all__ = [
+    "CEILING",
     "PAIRS",
     "TARGETS",
     "BenchStack",
@@ -73,8 +76,17 @@ MOCKER_SCHEDULER = [
     "16384",
 ]
 
-PAIRS: tuple[tuple[str, str], ...] = (("a", "c"), ("a-kv", "c-kv"), ("b", "d"))
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("a", "c"),
+    ("a-kv", "c-kv"),
+    ("b", "d"),
+    # The vLLM pair (engine_kind=vllm: the rendered vLLM example against Dynamo's own vLLM
+    # worker) joins here, with its two entries in TARGETS, once that engine kind exists.
+)
 """(ours, theirs): the comparisons the report makes."""
+
+CEILING = "z"
+"""The target whose frontend CPU per token is the frontend's own ceiling (no pair)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,7 @@ class Launch:
 
 @dataclass(frozen=True)
 class Target:
-    key: str  # the name used in the issue and the report: a, a-kv, b, c, c-kv, d
+    key: str  # the name used in the issue and the report: a, a-kv, b, c, c-kv, d, f
     name: str
     description: str
     ours: bool  # built on backend_common (a, b) or Dynamo's own worker (c, d)
@@ -117,6 +129,14 @@ def _mocker_example(_frontend_python: str, model_dir: Path) -> Launch:
     argv += ["--model-name", model, "--namespace", "bench-b", "--event-plane", "nats"]
     argv += ["--speedup-ratio", SPEEDUP_RATIO, *MOCKER_SCHEDULER, "--device", "none"]
     return Launch(argv, {"PYTHONPATH": str(MOCKER_SRC)}, model)
+
+
+def _ceiling(_frontend_python: str, model_dir: Path) -> Launch:
+    model = "bench-f-ceiling"
+    argv = [sys.executable, "-m", "bench.ceiling_worker", "--model-path", str(model_dir)]
+    argv += ["--model-name", model, "--namespace", "bench-f", "--event-plane", "nats"]
+    argv += ["--disable-kv-routing"]
+    return Launch(argv, {"PYTHONPATH": f"{RUNTIME_SRC}{os.pathsep}{REPO}"}, model)
 
 
 def _sample(namespace: str, *extra: str) -> Callable[[str, Path], Launch]:
@@ -182,6 +202,14 @@ TARGETS: dict[str, Target] = {
             f"dynamo.mocker --speedup-ratio {SPEEDUP_RATIO}",
             False,
             _dynamo_mocker,
+        ),
+        Target(
+            CEILING,
+            "frontend ceiling",
+            "bench.ceiling_worker: the reference engine's tokens without a suspension per "
+            "token, KV publishing off (the cheapest worker; measures the frontend)",
+            True,
+            _ceiling,
         ),
     )
 }

@@ -40,7 +40,7 @@ from backend_common.discovery.base import (
 from backend_common.discovery.kube import KubeDiscovery, PermissionDenied, PodIdentity
 from backend_common.discovery.kube_identity import instance_id_for, object_name, siphash13
 from backend_common.errors import DynamoError
-from backend_common.kv_events import event_channel_record
+from backend_common.runtime.kv_events.records import event_channel_record, subject_prefix
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 CAPTURE = json.loads((FIXTURES / "kube-wire-dynamo-1.6.1.json").read_text())
@@ -79,7 +79,17 @@ def worker_records(d: KubeDiscovery) -> list[tuple[str, dict]]:
     iid = d.instance_id
     card = {"display_name": "m", "slug": "m"}
     transport = tcp_transport("127.0.0.1", 40000, iid, "dynamo", "backend", "generate")
-    channel = event_channel_record("dynamo", "backend", "generate", "kv-events", iid)
+    channel = event_channel_record(
+        "dynamo",
+        "backend",
+        "generate",
+        "kv-events",
+        iid,
+        {
+            "kind": "Nats",
+            "config": {"subject_prefix": subject_prefix("dynamo", "backend", "generate")},
+        },
+    )
     return [
         channel,
         (

@@ -20,12 +20,14 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from mocker_cuda.engine import MockerCudaEngine as Engine
+from mocker_cuda.mocker import scheduler as scheduler_module
 from mocker_cuda.mocker.args import MockerSettings
 from mocker_cuda.mocker.channel import TokenChannel
 from mocker_cuda.mocker.device import DeviceWorkload, percentile
 from mocker_cuda.mocker.kv_cache import KvCache
 from mocker_cuda.mocker.metrics import METRIC_NAMES
 from mocker_cuda.mocker.scheduler import (
+    BUSY_PASSES,
     TOKEN_ID_RANGE,
     Scheduler,
     SchedulerConfig,
@@ -286,6 +288,42 @@ def test_token_ids_are_deterministic_given_the_seed():
     assert tokens(7, [1, 2, 3]) != tokens(7, [1, 2, 4])
     lo, hi = TOKEN_ID_RANGE
     assert all(lo <= t < hi for t in tokens(7, [1, 2, 3]))
+
+
+async def test_a_loop_behind_its_clock_hands_several_passes_to_each_wake_up(monkeypatch):
+    """Every pass here outlasts the busy slice (a fake clock, 0.4 ms per reading): the loop
+    still runs BUSY_PASSES passes before it yields, so each stream wakes up to that many
+    tokens, not one token per wake-up (which made a token cost more the more streams ran)."""
+    now = [0.0]
+
+    def fake_clock() -> float:
+        now[0] += 0.0004
+        return now[0]
+
+    monkeypatch.setattr(scheduler_module.time, "perf_counter", fake_clock)
+    scheduler = Scheduler(SchedulerConfig(num_blocks=64, block_size=4), timing=TimingModel(0.0))
+    max_tokens = 4 * BUSY_PASSES
+    channels = [
+        scheduler.add(Sequence.new(f"r{i}", [1, 2, 3], max_tokens=max_tokens)) for i in range(8)
+    ]
+
+    async def consume(channel: TokenChannel) -> list[int]:
+        seen = []
+        while channel.finish is None or channel:
+            await channel.wait()
+            seen.append(len(channel.take()))
+        return seen
+
+    scheduler.start()
+    try:
+        wakes = await asyncio.wait_for(asyncio.gather(*(consume(c) for c in channels)), 10)
+    finally:
+        await scheduler.stop()
+    for seen in wakes:
+        assert sum(seen) == max_tokens
+        # A pass's tokens are delivered after its yield check: the first wake-up gets one
+        # pass less, the last one what is left; every one between gets a full slice.
+        assert len(seen) >= 3 and min(seen[1:-1]) >= BUSY_PASSES, seen
 
 
 # -- timing and device --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ typed errors on stderr. This is the only module that imports the worker.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 import sys
@@ -68,6 +69,10 @@ async def _main(
         logging_jsonl_from_env(),
     ):
         configure_logging(config.log_filter, jsonl=config.logging_jsonl)
+    # What exists now (modules, classes, the engine object) lives as long as the process:
+    # freezing it takes it out of the collector's generations, so the full collections that
+    # the long-lived objects of many open streams trigger no longer rescan all of it.
+    gc.freeze()
     return await serve(engine, config)
 
 

@@ -29,10 +29,16 @@ Shape (vLLM's, as Dynamo's mocker simulates it):
   ahead of that clock by more than ``MIN_SLEEP_S``. When it is behind (a huge
   speed-up ratio, or ratio 0: Python cannot run a pass in the 6 us a decode
   pass lasts at ratio 1000) it runs passes back to back and yields to the
-  event loop (``sleep(0)``) once every ``BUSY_SLICE_S`` of work: the streams
-  then take the tokens of several passes as one item each (one write to the
-  frontend instead of one per token), and new requests are still accepted
-  within a slice. It never accumulates more than ``MAX_LAG_S`` of debt.
+  event loop (``sleep(0)``) once it has run ``BUSY_PASSES`` passes and at
+  least ``BUSY_SLICE_S`` of work since the last yield (at most ``MAX_LAG_S``):
+  each stream then finds the tokens of several passes ready and relays them
+  in one loop turn (one wake-up and one write to the frontend instead of one
+  per token), and new requests are still accepted within a slice. Counting
+  passes keeps the tokens per wake-up the same at every batch size: with a
+  time slice alone, a batch whose pass outlasts the slice (hundreds of
+  running sequences) would wake every stream once per token, and the cost of
+  a token would grow with the number of open streams. It never accumulates
+  more than ``MAX_LAG_S`` of debt.
 * The device workload runs inline when it is tiny (``DeviceWorkload.inline``),
   else in a worker thread so the loop keeps serving streams meanwhile.
 
@@ -78,8 +84,10 @@ TOKEN_ID_RANGE = (1000, 2000)  # like Dynamo's mocker: ids that no special token
 MIN_SLEEP_S = 1e-4
 # ... and a loop that fell behind its simulated clock never owes more than this.
 MAX_LAG_S = 0.005
-# A loop that is behind runs passes back to back for this long before it yields.
+# A loop that is behind runs passes back to back for at least this long, and at least this
+# many passes, before it yields (never longer than MAX_LAG_S; see the module docstring).
 BUSY_SLICE_S = 0.0005
+BUSY_PASSES = 4
 
 # Where a sequence is: the scheduler's queues, or gone (finished, removed, preempted-and-removed).
 WAITING, RUNNING, GONE = 0, 1, 2
@@ -425,12 +433,14 @@ class Scheduler:
         clock = time.perf_counter
         due = clock()  # when the previous pass ended on the simulated clock
         yielded = due  # when the loop last gave the event loop a turn
+        passes = 0  # passes run since then
         while not self._closed:
             plan = self.schedule()
             if plan is None:
                 self._wake.clear()
                 await self._wake.wait()
                 due = yielded = clock()
+                passes = 0
                 continue
             t0 = clock()
             device = self.device
@@ -449,12 +459,14 @@ class Scheduler:
             )
             now = clock()
             delay = due - now
+            passes += 1
+            busy = now - yielded
             if delay > MIN_SLEEP_S:
                 await asyncio.sleep(delay)
-                yielded = clock()
-            elif now - yielded >= BUSY_SLICE_S:
+                yielded, passes = clock(), 0
+            elif busy >= MAX_LAG_S or (busy >= BUSY_SLICE_S and passes >= BUSY_PASSES):
                 await asyncio.sleep(0)  # behind the clock: let the streams catch up now
-                yielded = clock()
+                yielded, passes = clock(), 0
             if self._closed:
                 break
             self.complete(plan)
