@@ -6,7 +6,8 @@ generates ``docs/benchmark.md`` (all tables), ``docs/benchmark/chart.png`` and t
 performance table (between the ``bench:begin`` / ``bench:end`` markers). Optional inputs,
 also committed under ``docs/benchmark/``: ``before.json`` (a run of targets a and c on the
 runtime before the hot-path changes, for the before/after table) and ``profile.json`` (py-spy
-summaries from ``bench.profile``, before and after).
+summaries from ``bench.profile``, before and after) and ``vllm.json`` (a run of the vLLM
+pair, ``python -m bench --pairs e/f``, rendered as its own section).
 
 ``tests/bench/test_bench_docs.py`` regenerates the text from the committed JSON and fails when
 docs/benchmark.md or the README differ, so no performance figure in them can drift from
@@ -16,6 +17,7 @@ Usage::
 
     python -m bench.publish bench/results/latest.json          # publish a new run
     python -m bench.publish --before B.json --profile-before DIR --profile-after DIR RUN.json
+    python -m bench.publish --vllm bench/results/vllm-latest.json  # the vLLM pair (e)/(f)
     python -m bench.publish                                     # regenerate from docs/benchmark/
 """
 
@@ -196,6 +198,7 @@ def render_doc(
     before: dict[str, Any] | None = None,
     profile: dict[str, Any] | None = None,
     worker_cpu: dict[str, Any] | None = None,
+    vllm: dict[str, Any] | None = None,
 ) -> str:
     host, versions = result["host"], result.get("versions", {})
     out = [
@@ -400,6 +403,10 @@ def render_doc(
             "  Dynamo's own worker does: frames are only coalesced within one loop iteration,",
             "  never held back) and the event loop itself.",
         ]
+    if vllm:
+        from .vllm_report import render_markdown
+
+        out += ["", *render_markdown(vllm)]
     out.append("")
     return "\n".join(out)
 
@@ -421,8 +428,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("BEFORE", "AFTER"),
         help="python -m bench.worker_cpu --out files of the runtime before and after",
     )
+    p.add_argument(
+        "--vllm",
+        type=Path,
+        help="a python -m bench --pairs e/f result (bench/results/vllm-*.json) to publish",
+    )
     args = p.parse_args(argv)
     DOCS.mkdir(parents=True, exist_ok=True)
+    if args.vllm is not None:
+        shutil.copyfile(args.vllm, DOCS / "vllm.json")
     if args.run is not None:
         shutil.copyfile(args.run, DOCS / "results.json")
     if args.before is not None:
@@ -454,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             _load(DOCS / "before.json"),
             _load(DOCS / "profile.json"),
             _load(DOCS / "worker_cpu.json"),
+            _load(DOCS / "vllm.json"),
         )
     )
     README.write_text(update_readme(README.read_text(), render_readme_section(result)))

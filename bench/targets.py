@@ -73,8 +73,9 @@ MOCKER_SCHEDULER = [
     "16384",
 ]
 
-PAIRS: tuple[tuple[str, str], ...] = (("a", "c"), ("a-kv", "c-kv"), ("b", "d"))
-"""(ours, theirs): the comparisons the report makes."""
+PAIRS: tuple[tuple[str, str], ...] = (("a", "c"), ("a-kv", "c-kv"), ("b", "d"), ("e", "f"))
+"""(ours, theirs): the comparisons the report makes. (e)/(f), the vLLM pair, has its own
+targets, model and result file (``bench.vllm_pair``)."""
 
 
 @dataclass(frozen=True)
