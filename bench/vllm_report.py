@@ -219,10 +219,22 @@ def render_markdown(result: dict[str, Any]) -> list[str]:
         f"`{result.get('command', '-')}`; {host['cpus']} cores ({host.get('cpu_model', '-')}),",
         f"  load average (1 min) {_f(host['loadavg_at_start'][0], 2)} at the start, "
         f"{_f((host.get('loadavg_at_end') or [None])[0], 2)} at the end.",
-        f"* (e) side: {e_side.get('source', '-')}.",
+        f"* (e) side: {e_side.get('source', '-')}; python `{e_side.get('python', '-')}`, "
+        f"`PYTHONPATH` `{e_side.get('src', '-')}`."
+        + (
+            ""
+            if str(e_side.get("source", "")).startswith("examples/")
+            else " **This run's (e) is a stand-in from outside the repository, not the"
+            " committed example: its figures are provisional until the pair is rerun on"
+            " `examples/vllm-cpu`.**"
+        ),
         f"* (f) venv `.venv-dynamo-vllm`, installed by the bench (`bench/anchor_install.py`) in "
         f"{_f(anchor.get('install_s'))} s, {_f((anchor.get('size_bytes') or 0) / 2**30, 2)} GiB "
-        "(" + ", ".join(f"{k} {v}" for k, v in (anchor.get("versions") or {}).items()) + "); ",
+        "("
+        + ", ".join(
+            f"{k} {v or 'not installed'}" for k, v in (anchor.get("versions") or {}).items()
+        )
+        + ");",
         "  it runs with `bench/anchor_shim` on `PYTHONPATH` (an inert `torchvision`, which",
         "  `dynamo.vllm` imports at start-up; the CPU torch cannot load the PyPI one).",
         "* Plan per round: "
@@ -273,6 +285,14 @@ def render_markdown(result: dict[str, Any]) -> list[str]:
         "",
     ]
     out += _md(PROBE_HEAD, _probe_rows(result))
+    seen = [
+        f"* ({key}) {label}: " + "; ".join(f"`{x}`" for x in p["streams"]["samples"])
+        for phase, label in PHASES
+        for key, p in (result.get(phase) or {}).items()
+        if "streams" in p and p["streams"]["samples"]
+    ]
+    if seen:
+        out += ["", "What the clients of the streams that did not finish saw:", "", *seen]
     out += ["", "| target (issue 21, not asserted) | measured | |", "|---|---|---|"]
     for g in result.get("goals") or []:
         state = {True: "met", False: "**not met**", None: "n/a"}[g["met"]]
