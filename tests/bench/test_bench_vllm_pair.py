@@ -229,3 +229,17 @@ def test_the_shim_answers_torchvision_imports_inertly() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "0.0.0+inert"
+
+
+def test_the_anchor_venv_counts_as_installed_only_with_its_marker(tmp_path: Path) -> None:
+    from bench.anchor_install import MARKER, anchor_env, ensure_anchor_venv, read_marker
+
+    assert read_marker(tmp_path) is None
+    (tmp_path / MARKER).write_text("not json")
+    assert read_marker(tmp_path) is None
+    (tmp_path / MARKER).write_text('{"install_s": 1.0, "size_bytes": 2}')
+    # A complete venv is used as it is: no install step runs (it would take minutes).
+    python, marker = ensure_anchor_venv(tmp_path)
+    assert python == str(tmp_path / "bin" / "python") and marker["install_s"] == 1.0
+    assert anchor_env() == {"PYTHONPATH": str(SHIM)}
+    assert (SHIM / "sitecustomize.py").is_file()
