@@ -13,11 +13,11 @@ load), more than the default run's 15-minute budget leaves. Both targets:
 * KV events off: ``--disable-kv-routing`` on ours; Dynamo's worker publishes them only when
   given ``--kv-events-config``, which it is not.
 
-(e) runs ``python -m vllm_cpu`` from the committed render ``examples/vllm-cpu`` with that
-example's own venv (``make -C examples/vllm-cpu install``, run here on first use);
-``$BENCH_VLLM_E_PYTHON`` / ``$BENCH_VLLM_E_SRC`` point it elsewhere (the result records
-which). (f) runs from ``.venv-dynamo-vllm``, installed by ``bench.anchor_install`` on first
-use, with ``bench/anchor_shim`` on its ``PYTHONPATH``.
+(e) runs ``python -m vllm_cpu_backend`` from the committed render ``examples/vllm-cpu``
+with that example's own venv (``make -C examples/vllm-cpu install``, run here on first use);
+``$BENCH_VLLM_E_PYTHON`` / ``$BENCH_VLLM_E_SRC`` / ``$BENCH_VLLM_E_MODULE`` point it
+elsewhere (the result records which). (f) runs from ``.venv-dynamo-vllm``, installed by
+``bench.anchor_install`` on first use, with ``bench/anchor_shim`` on its ``PYTHONPATH``.
 
 Measured, in this order, each in a fresh stack-wide state (one target loaded at a time):
 
@@ -64,6 +64,9 @@ __all__ = ["VLLM_TARGETS", "main", "run_pair"]
 EXAMPLE = REPO / "examples" / "vllm-cpu"
 E_PYTHON_ENV = "BENCH_VLLM_E_PYTHON"
 E_SRC_ENV = "BENCH_VLLM_E_SRC"
+E_MODULE_ENV = "BENCH_VLLM_E_MODULE"
+E_MODULE = "vllm_cpu_backend"
+"""The example's worker package (``python -m vllm_cpu_backend``)."""
 MODEL_ENV = "BENCH_VLLM_MODEL"
 MAX_MODEL_LEN = 512
 ENGINE_FLAGS = ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32"]
@@ -84,13 +87,13 @@ def e_python() -> str:
 
 
 def e_src() -> str:
-    """Where ``vllm_cpu`` and its vendored ``backend_common`` live for (e)."""
+    """Where the worker package and its vendored ``backend_common`` live for (e)."""
     return os.environ.get(E_SRC_ENV) or str(EXAMPLE / "src")
 
 
 def _ours(_frontend_python: str, model_dir: Path) -> Launch:
     model = "bench-e-vllm-cpu"
-    argv = [e_python(), "-m", "vllm_cpu", "--model", str(model_dir)]
+    argv = [e_python(), "-m", os.environ.get(E_MODULE_ENV) or E_MODULE, "--model", str(model_dir)]
     argv += ["--served-model-name", model, "--namespace", "bench-e", "--event-plane", "nats"]
     argv += ["--disable-kv-routing", *ENGINE_FLAGS]
     return Launch(argv, {"PYTHONPATH": e_src(), **VLLM_ENV}, model)
@@ -108,7 +111,7 @@ VLLM_TARGETS: dict[str, Target] = {
     "e": Target(
         "e",
         "vllm-cpu example (engine_kind=vllm)",
-        "examples/vllm-cpu: python -m vllm_cpu, vLLM 0.31.0 AsyncLLM, KV publishing off",
+        "examples/vllm-cpu: python -m vllm_cpu_backend, vLLM 0.31.0 AsyncLLM, KV publishing off",
         True,
         _ours,
     ),
