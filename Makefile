@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FRONTEND_VENV := .venv-dynamo
 
-.PHONY: install frontend test unit lint format examples check-examples new demo bench bench-publish soak chaos reliability-doc clean
+.PHONY: install frontend test unit lint format examples check-examples new demo bench bench-vllm bench-publish soak chaos reliability-doc clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ demo: install ## generate a backend and show it answering a chat request through
 bench: install ## pure-Python runtime vs Dynamo's own workers (writes bench/results/, scratch)
 	$(PY) -m pip install -q -e ".[bench]"
 	DYNAMO_FRONTEND_PYTHON=$(CURDIR)/$(FRONTEND_VENV)/bin/python $(PY) -m bench
+
+bench-vllm: install ## the vLLM pair: engine_kind=vllm vs Dynamo's dynamo.vllm (~10 min; installs it first)
+	DYNAMO_FRONTEND_PYTHON=$(CURDIR)/$(FRONTEND_VENV)/bin/python $(PY) -m bench --pairs e/f
 
 bench-publish: $(VENV)/.installed ## commit-ready docs/benchmark.md + README table from RUN=<json>
 	$(PY) -m bench.publish $(RUN)

@@ -10,6 +10,10 @@ scratch output), then prints a table. ``python -m bench.publish`` turns one resu
 committed docs/benchmark.md and the README's table. Nothing is asserted about the numbers:
 the goals are reported as met / not met.
 
+``--pairs e/f`` adds the vLLM pair (our ``engine_kind=vllm`` worker against Dynamo's
+``dynamo.vllm``, ``bench.vllm_pair``): it runs only when asked, in its own stack with its own
+model and result file, because it alone takes about ten minutes.
+
 ``--smoke`` is the quick variant the test suite runs (targets a and c, few requests, ~20 s).
 Exit status: 0 when every target ran with zero failed requests, 1 otherwise, 2 for a setup
 problem (no frontend venv).
@@ -46,7 +50,16 @@ from .report import (
     timestamp,
     write_results,
 )
-from .targets import REPO, TARGETS, BenchStack, PeakRss, ProcessStats, RunningTarget
+from .targets import (
+    PAIRS,
+    REPO,
+    TARGETS,
+    BenchStack,
+    PeakRss,
+    ProcessStats,
+    RunningTarget,
+    Target,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SETTLE_S = 1.0  # after the model is listed, before reading idle RSS
@@ -94,8 +107,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-aiperf", action="store_true", help="skip the aiperf cross-check")
     p.add_argument("--aiperf-venv", type=Path, default=AIPERF_VENV, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--pairs",
+        help="comma-separated pairs to run instead of --targets: "
+        + ", ".join(f"{a}/{b}" for a, b in PAIRS)
+        + ". e/f (the vLLM pair of bench.vllm_pair, about 10 minutes; installs Dynamo's "
+        "vLLM worker on first use) runs only when named here",
+    )
     args = p.parse_args(argv)
-    keys = args.targets or ("a,c" if args.smoke else ",".join(TARGETS))
+    args.vllm_pair = False
+    if args.pairs is not None:
+        names = [x.strip() for x in args.pairs.split(",") if x.strip()]
+        # e/f has its own targets (bench.vllm_pair), outside TARGETS.
+        known = {f"{a}/{b}": (a, b) for a, b in PAIRS if a in TARGETS and b in TARGETS}
+        bad = [n for n in names if n not in known and n != "e/f"]
+        if bad:
+            p.error(f"unknown pairs {bad}; choose from {', '.join(f'{a}/{b}' for a, b in PAIRS)}")
+        args.vllm_pair = "e/f" in names
+        if args.targets is None:
+            args.targets = ",".join(k for n in names if n in known for k in known[n])
+    keys = (
+        args.targets if args.targets is not None else ("a,c" if args.smoke else ",".join(TARGETS))
+    )
     args.targets = [k.strip() for k in keys.split(",") if k.strip()]
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
@@ -142,13 +175,14 @@ def _run(coro: Any) -> Any:
 
 
 def start_targets(
-    stack: BenchStack, keys: list[str]
+    stack: BenchStack, keys: list[str], catalog: dict[str, Target] | None = None
 ) -> tuple[dict[str, RunningTarget], dict[str, dict[str, Any]]]:
-    """Serve every target (one after the other) and read its idle RSS once it is listed."""
+    """Serve every target (one after the other) and read its idle RSS once it is listed;
+    ``catalog`` holds the targets by key (default ``TARGETS``)."""
     running: dict[str, RunningTarget] = {}
     entries: dict[str, dict[str, Any]] = {}
     for key in keys:
-        target = TARGETS[key]
+        target = (catalog or TARGETS)[key]
         entry: dict[str, Any] = {
             "name": target.name,
             "description": target.description,
@@ -183,8 +217,10 @@ def measure(
     *,
     rounds: int,
     max_tokens: int,
+    request_extra: dict[str, Any] | None = None,
 ) -> None:
-    """Load one target at a time: per round, per level, every target in turn.
+    """Load one target at a time: per round, per level, every target in turn
+    (``request_extra``: top-level fields added to every request).
 
     Interleaving (instead of all levels of one target, then the next) spreads any change in
     background load on this shared machine over all targets alike; each round rotates the
@@ -202,7 +238,9 @@ def measure(
                     entries[key].setdefault("error", "worker exited during the benchmark")
                     continue
                 rt = running[key]
-                level, cpu_s, peak = _run(_measured_level(rt, stack, c, n, warmup, max_tokens))
+                level, cpu_s, peak = _run(
+                    _measured_level(rt, stack, c, n, warmup, max_tokens, request_extra)
+                )
                 pooled.setdefault((key, c), []).append(level)
                 cpu.setdefault((key, c), []).append(cpu_s)
                 if peak is not None:
@@ -243,7 +281,13 @@ def measure(
 
 
 async def _measured_level(
-    rt: RunningTarget, stack: BenchStack, c: int, n: int, warmup: int, max_tokens: int
+    rt: RunningTarget,
+    stack: BenchStack,
+    c: int,
+    n: int,
+    warmup: int,
+    max_tokens: int,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[LevelResult, dict[str, float], int | None]:
     """One level; CPU seconds of the worker, the frontend and this client (the load
     generator) and the worker's run-queue wait over the counted requests; the worker's peak
@@ -251,7 +295,13 @@ async def _measured_level(
     base_url = stack.base_url
     if warmup:
         await run_level(
-            base_url, rt.model, concurrency=c, requests=warmup, warmup=0, max_tokens=max_tokens
+            base_url,
+            rt.model,
+            concurrency=c,
+            requests=warmup,
+            warmup=0,
+            max_tokens=max_tokens,
+            extra=extra,
         )
     assert stack.frontend is not None and stack.frontend.pid is not None
     frontend = ProcessStats(stack.frontend.pid)
@@ -268,7 +318,13 @@ async def _measured_level(
     before = sample()
     with PeakRss(rt.stats) as peak:
         level = await run_level(
-            base_url, rt.model, concurrency=c, requests=n, warmup=0, max_tokens=max_tokens
+            base_url,
+            rt.model,
+            concurrency=c,
+            requests=n,
+            warmup=0,
+            max_tokens=max_tokens,
+            extra=extra,
         )
     after = sample()
     cpu = {role: b - a for role, a, b in zip(roles, before, after, strict=True)}
@@ -412,6 +468,24 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    vllm_code = 0
+    if args.vllm_pair:
+        from .vllm_pair import run_pair
+
+        vllm_code = run_pair(
+            frontend_python,
+            levels=[1, 16] if args.smoke else [1, 16, 64],
+            requests=32 if args.smoke else 96,
+            requests_c1=4 if args.smoke else 16,
+            rounds=1 if args.smoke else 2,
+            max_tokens=args.max_tokens,
+            out=args.out,
+            workdir=args.workdir,
+            smoke=args.smoke,
+            command="python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        )
+        if not args.targets:
+            return vllm_code
     plan = level_plan(args)
     result: dict[str, Any] = {
         "timestamp": timestamp(),
@@ -491,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         t.get("error") or any(lv["errors"] for lv in t["levels"])
         for t in result["targets"].values()
     )
-    return 1 if failed else 0
+    return 1 if failed or vllm_code else 0
 
 
 if __name__ == "__main__":

@@ -122,14 +122,17 @@ async def one_request(
     *,
     max_tokens: int,
     timeout: float,  # noqa: ASYNC109 - one bound for connect + whole body
+    extra: dict[str, Any] | None = None,
 ) -> RequestResult:
-    """Send one streaming chat request and measure it; never raises for server behaviour."""
+    """Send one streaming chat request and measure it; never raises for server behaviour.
+    ``extra`` adds top-level request fields (e.g. ``nvext``)."""
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     result = RequestResult(ok=False)
     t0 = time.perf_counter()
@@ -207,6 +210,7 @@ async def _drive(
     count: int,
     max_tokens: int,
     timeout: float,  # noqa: ASYNC109
+    extra: dict[str, Any] | None = None,
 ) -> tuple[float, list[RequestResult]]:
     url = base_url.rstrip("/") + "/v1/chat/completions"
     connector = aiohttp.TCPConnector(force_close=True, limit=0)
@@ -220,7 +224,9 @@ async def _drive(
             while remaining > 0:
                 remaining -= 1
                 results.append(
-                    await one_request(session, url, model, max_tokens=max_tokens, timeout=timeout)
+                    await one_request(
+                        session, url, model, max_tokens=max_tokens, timeout=timeout, extra=extra
+                    )
                 )
 
         t0 = time.perf_counter()
@@ -238,8 +244,10 @@ async def run_level(
     warmup: int,
     max_tokens: int = 64,
     timeout: float = 60.0,  # noqa: ASYNC109 - per request
+    extra: dict[str, Any] | None = None,
 ) -> LevelResult:
-    """Warm up (uncounted), then measure ``requests`` requests at ``concurrency``."""
+    """Warm up (uncounted), then measure ``requests`` requests at ``concurrency``; ``extra``
+    adds top-level fields to every request."""
     if concurrency < 1 or requests < 1 or warmup < 0:
         raise ValueError("concurrency and requests must be >= 1, warmup >= 0")
     if warmup:
@@ -250,6 +258,7 @@ async def run_level(
             count=warmup,
             max_tokens=max_tokens,
             timeout=timeout,
+            extra=extra,
         )
     wall, results = await _drive(
         base_url,
@@ -258,5 +267,6 @@ async def run_level(
         count=requests,
         max_tokens=max_tokens,
         timeout=timeout,
+        extra=extra,
     )
     return LevelResult(concurrency=concurrency, requests=requests, wall_s=wall, results=results)

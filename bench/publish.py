@@ -6,7 +6,8 @@ generates ``docs/benchmark.md`` (all tables), ``docs/benchmark/chart.png`` and t
 performance table (between the ``bench:begin`` / ``bench:end`` markers). Optional inputs,
 also committed under ``docs/benchmark/``: ``before.json`` (a run of targets a and c on the
 runtime before the hot-path changes, for the before/after table) and ``profile.json`` (py-spy
-summaries from ``bench.profile``, before and after).
+summaries from ``bench.profile``, before and after) and ``vllm.json`` (a run of the vLLM
+pair, ``python -m bench --pairs e/f``, rendered as its own section).
 
 ``tests/bench/test_bench_docs.py`` regenerates the text from the committed JSON and fails when
 docs/benchmark.md or the README differ, so no performance figure in them can drift from
@@ -16,6 +17,7 @@ Usage::
 
     python -m bench.publish bench/results/latest.json          # publish a new run
     python -m bench.publish --before B.json --profile-before DIR --profile-after DIR RUN.json
+    python -m bench.publish --vllm bench/results/vllm-latest.json  # the vLLM pair (e)/(f)
     python -m bench.publish                                     # regenerate from docs/benchmark/
 """
 
@@ -279,6 +281,7 @@ def render_doc(
     profile: dict[str, Any] | None = None,
     worker_cpu: dict[str, Any] | None = None,
     growth: dict[str, Any] | None = None,
+    vllm: dict[str, Any] | None = None,
 ) -> str:
     host, versions = result["host"], result.get("versions", {})
     out = [
@@ -493,6 +496,10 @@ def render_doc(
             "  never held back) and the event loop itself.",
         ]
     out += _growth_lines(growth)
+    if vllm:
+        from .vllm_report import render_markdown
+
+        out += ["", *render_markdown(vllm)]
     out.append("")
     return "\n".join(out)
 
@@ -571,10 +578,17 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="result JSON of targets b0 (the mocker scheduler before) and b (after), one run",
     )
+    p.add_argument(
+        "--vllm",
+        type=Path,
+        help="a python -m bench --pairs e/f result (bench/results/vllm-*.json) to publish",
+    )
     args = p.parse_args(argv)
     DOCS.mkdir(parents=True, exist_ok=True)
     if args.concurrency_run is not None:
         shutil.copyfile(args.concurrency_run, DOCS / "concurrency.json")
+    if args.vllm is not None:
+        shutil.copyfile(args.vllm, DOCS / "vllm.json")
     if args.run is not None:
         shutil.copyfile(args.run, DOCS / "results.json")
     if args.before is not None:
@@ -607,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             _load(DOCS / "profile.json"),
             _load(DOCS / "worker_cpu.json"),
             _load(DOCS / "concurrency.json"),
+            _load(DOCS / "vllm.json"),
         )
     )
     README.write_text(update_readme(README.read_text(), render_readme_section(result)))

@@ -76,14 +76,9 @@ MOCKER_SCHEDULER = [
     "16384",
 ]
 
-PAIRS: tuple[tuple[str, str], ...] = (
-    ("a", "c"),
-    ("a-kv", "c-kv"),
-    ("b", "d"),
-    # The vLLM pair (engine_kind=vllm: the rendered vLLM example against Dynamo's own vLLM
-    # worker) joins here, with its two entries in TARGETS, once that engine kind exists.
-)
-"""(ours, theirs): the comparisons the report makes."""
+PAIRS: tuple[tuple[str, str], ...] = (("a", "c"), ("a-kv", "c-kv"), ("b", "d"), ("e", "f"))
+"""(ours, theirs): the comparisons the report makes. (e)/(f), the vLLM pair, has its own
+targets, model and result file (``bench.vllm_pair``)."""
 
 CEILING = "z"
 """The target whose frontend CPU per token is the frontend's own ceiling (no pair)."""
