@@ -47,6 +47,11 @@ EXAMPLES: dict[str, dict[str, str]] = {
         "engine_kind": "transformers",
         **_AUTHOR,
     },
+    "vllm-cpu": {
+        "project_name": "vllm-cpu",
+        "engine_kind": "vllm",
+        **_AUTHOR,
+    },
 }
 
 
