@@ -98,7 +98,8 @@ def start_stack(tmp_path: Path, *roles: tuple[str, ...]) -> Iterator[Stack]:
         workers.append(
             ManagedProcess(
                 [sys.executable, "-m", "mocker_cuda", "--model-path", str(model_path)]
-                + ["--model-name", MODEL, "--discovery-backend", "file", *role_args],
+                + ["--model-name", MODEL, "--discovery-backend", "file", *role_args]
+                ,
                 env=hermetic_env({**env, "PYTHONPATH": str(SRC)}),
                 log_path=tmp_path / f"worker{n}.log",
             )

@@ -11,4 +11,4 @@ if [ -z "${DYN_EVENT_PLANE_HOST:-}" ]; then
     DYN_EVENT_PLANE_HOST="$(hostname -i | cut -d' ' -f1)"
     export DYN_EVENT_PLANE_HOST
 fi
-exec python -m vllm_cpu --model-path "${MODEL_PATH}" --model-name "${MODEL_NAME}" "$@"
+exec python -m vllm_cpu_backend --model-path "${MODEL_PATH}" --model-name "${MODEL_NAME}" "$@"

@@ -2,7 +2,7 @@
 
 Discovery is file based (a directory under ``.run/``), so no etcd is needed; the request
 plane is the project's default (tcp). Without ``--model-path`` a tiny model
-(tokenizer only) is written to ``.run/model``.
+(random weights) is written to ``.run/model``.
 ``make run`` installs the frontend into ``.venv-dynamo`` first (or uses
 ``DYNAMO_FRONTEND_PYTHON``); run directly without one, the script starts the worker(s) alone.
 Ctrl-C stops everything this script started.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,9 +29,9 @@ from backend_common.devstack.frontend import (
     worker_env,
 )
 from backend_common.devstack.services import NatsServer, free_port
-from backend_common.devstack.tinymodel import write_tiny_model
+from backend_common.devstack.tinyllm import write_tiny_llama as write_tiny_model
 
-from vllm_cpu.args import DEFAULT_REQUEST_PLANE, SUPPORTED_MODES
+from vllm_cpu_backend.args import DEFAULT_REQUEST_PLANE, SUPPORTED_MODES
 
 RUN_DIR = Path(".run")
 # Worker flags of each role of a run mode (the prefill worker registers under its own
@@ -84,8 +85,12 @@ def main() -> int:
             stack.callback(frontend.stop)
         else:
             print("No Dynamo frontend installed (`make frontend`): running the backend alone.")
-        argv = [sys.executable, "-m", "vllm_cpu", "--model-path", model_path]
+        argv = [sys.executable, "-m", "vllm_cpu_backend", "--model-path", model_path]
         argv += ["--model-name", args.model_name, "--discovery-backend", "file"]
+        # A small CPU footprint for the tiny model; vLLM's own flags pass through
+        # (`make run RUN_ARGS="-- --max-model-len 4096"`).
+        argv += ["--enforce-eager", "--dtype", "float32", "--max-model-len", "512"]
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         workers = []
         for role, role_args in MODES[args.mode].items():
             env = worker_env(
@@ -101,7 +106,7 @@ def main() -> int:
             stack.callback(_stop, worker)
             workers.append(worker)
         if frontend is not None:
-            frontend.wait_for_model(args.model_name, timeout=90)
+            frontend.wait_for_model(args.model_name, timeout=240)
             body = json.dumps(
                 {
                     "model": args.model_name,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from backend_common import DisaggregationMode, DynamoError, WorkerConfig
 
-from vllm_cpu.args import DEFAULT_REQUEST_PLANE, SUPPORTED_MODES, from_args
-from vllm_cpu.engine import VllmCpuEngine
+from vllm_cpu_backend.args import DEFAULT_REQUEST_PLANE, SUPPORTED_MODES, from_args
+from vllm_cpu_backend.engine import VllmCpuBackendEngine
 
 OTHER_PLANE = {"tcp": "nats", "nats": "tcp"}[DEFAULT_REQUEST_PLANE]
 
@@ -24,8 +24,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_from_args_builds_the_engine_and_its_config() -> None:
-    engine, config = VllmCpuEngine.from_args(["--model-name", "my-model"])
-    assert isinstance(engine, VllmCpuEngine)
+    engine, config = VllmCpuBackendEngine.from_args(["--model-name", "my-model"])
+    assert isinstance(engine, VllmCpuBackendEngine)
     assert isinstance(config, WorkerConfig)
     assert config.model_name == "my-model"
     assert config.disaggregation_mode is DisaggregationMode.AGGREGATED
@@ -33,7 +33,7 @@ def test_from_args_builds_the_engine_and_its_config() -> None:
 
 def test_module_from_args_is_the_engine_from_args() -> None:
     engine, config = from_args(["--model-name", "m", "--namespace", "team"])
-    assert isinstance(engine, VllmCpuEngine)
+    assert isinstance(engine, VllmCpuBackendEngine)
     assert config.namespace == "team"
 
 
@@ -74,7 +74,7 @@ def test_malformed_flags_exit_with_status_2() -> None:
 def test_python_dash_m_help_lists_the_shared_and_the_engine_flags() -> None:
     src = Path(__file__).resolve().parent.parent / "src"
     out = subprocess.run(
-        [sys.executable, "-m", "vllm_cpu", "--help"],
+        [sys.executable, "-m", "vllm_cpu_backend", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

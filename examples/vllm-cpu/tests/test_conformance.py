@@ -8,15 +8,27 @@ exactly as the worker does.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+from backend_common.devstack.tinyllm import write_tiny_llama
 from backend_common.testing import run_conformance
 
-from vllm_cpu.engine import VllmCpuEngine
+from vllm_cpu_backend.engine import VllmCpuBackendEngine
 
 
-def make_engine(*argv: str) -> VllmCpuEngine:
-    engine, _config = VllmCpuEngine.from_args(["--model-name", "conformance", *argv])
+def make_engine(*argv: str) -> VllmCpuBackendEngine:
+    engine, _config = VllmCpuBackendEngine.from_args(["--model-name", "conformance", *argv])
     return engine
 
 
-async def test_engine_conforms() -> None:
-    await run_conformance(make_engine)
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A tiny random-weight Llama that vLLM's CPU attention accepts (head size 64).
+    return write_tiny_llama(tmp_path_factory.mktemp("model"))
+
+
+async def test_engine_conforms(model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    argv = ("--model", str(model_path), "--enforce-eager", "--dtype", "float32")
+    await run_conformance(lambda: make_engine(*argv, "--max-model-len", "512"))

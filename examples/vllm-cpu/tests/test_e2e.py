@@ -28,14 +28,14 @@ from backend_common.devstack.frontend import (
 )
 from backend_common.devstack.openai import chat, completion
 from backend_common.devstack.services import ManagedProcess, NatsServer, free_port
-from backend_common.devstack.tinymodel import write_tiny_model as write_model
+from backend_common.devstack.tinyllm import write_tiny_llama as write_model
 
-from vllm_cpu.args import DEFAULT_REQUEST_PLANE
+from vllm_cpu_backend.args import DEFAULT_REQUEST_PLANE
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 MODEL = "tiny"
-READY_TIMEOUT_S = 90.0
+READY_TIMEOUT_S = 240.0
 
 pytestmark = [
     pytest.mark.e2e,
@@ -90,9 +90,10 @@ def start_stack(tmp_path: Path, *roles: tuple[str, ...]) -> Iterator[Stack]:
         )
         workers.append(
             ManagedProcess(
-                [sys.executable, "-m", "vllm_cpu", "--model-path", str(model_path)]
-                + ["--model-name", MODEL, "--discovery-backend", "file", *role_args],
-                env=hermetic_env({**env, "PYTHONPATH": str(SRC)}),
+                [sys.executable, "-m", "vllm_cpu_backend", "--model-path", str(model_path)]
+                + ["--model-name", MODEL, "--discovery-backend", "file", *role_args]
+                + ["--enforce-eager", "--dtype", "float32", "--max-model-len", "512"],
+                env=hermetic_env({**env, "PYTHONPATH": str(SRC), "VLLM_CPU_KVCACHE_SPACE": "1"}),
                 log_path=tmp_path / f"worker{n}.log",
             )
         )

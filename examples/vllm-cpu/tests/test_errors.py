@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from backend_common.errors import BackendError, DynamoError, ErrorType
 
-from vllm_cpu import errors
+from vllm_cpu_backend import errors
 
 INVALID = [
     errors.invalid_config("--delay must be >= 0"),

@@ -8,7 +8,7 @@ import gc
 import pytest
 from backend_common import GenerateContext
 
-from vllm_cpu.guard import ActiveRequests
+from vllm_cpu_backend.guard import ActiveRequests
 
 
 def make_stream(active: ActiveRequests, ctx: GenerateContext, released: list[str], fail=False):

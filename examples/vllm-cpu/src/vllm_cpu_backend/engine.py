@@ -1,4 +1,4 @@
-"""``VllmCpuEngine``: the engine behind this worker. This file is yours.
+"""``VllmCpuBackendEngine``: the engine behind this worker. This file is yours.
 
 ``copier update`` never overwrites it. The vLLM engine itself, ``VllmEngine`` (vLLM's
 ``AsyncLLM`` from vLLM's own flags, exact request mapping, cancellation, engine-core death,
@@ -17,15 +17,15 @@ from vllm.outputs import CompletionOutput
 from . import args as cli
 from .vllm_engine.engine import VllmEngine
 
-__all__ = ["VllmCpuEngine"]
+__all__ = ["VllmCpuBackendEngine"]
 
 
-class VllmCpuEngine(VllmEngine):
+class VllmCpuBackendEngine(VllmEngine):
     @classmethod
     def from_args(
         cls,
         argv: list[str] | None = None,
-    ) -> tuple[VllmCpuEngine, WorkerConfig]:
+    ) -> tuple[VllmCpuBackendEngine, WorkerConfig]:
         return cli.from_args(argv, cls)
 
     # YOUR ENGINE: adjust vLLM's sampling parameters per request (scheduling hints,
