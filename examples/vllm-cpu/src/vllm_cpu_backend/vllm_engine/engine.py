@@ -57,7 +57,7 @@ from backend_common import (
     usage,
 )
 from backend_common.errors import DynamoError, engine_shutdown, invalid_arg, unknown
-from backend_common.kv_events import ZmqSource
+from backend_common.kv_events import PushSource, ZmqSource
 from backend_common.publisher import ComponentSnapshot, SnapshotPublisher
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -311,7 +311,7 @@ class VllmEngine(LLMEngine):
             "_HEALTH_CHECK": True,
         }
 
-    async def kv_event_sources(self) -> list[ZmqSource]:
+    async def kv_event_sources(self) -> list[PushSource | ZmqSource]:
         cfg = self.engine_args.kv_events_config
         if cfg is None or not cfg.enable_kv_cache_events:
             return []
