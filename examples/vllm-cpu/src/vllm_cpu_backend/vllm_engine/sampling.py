@@ -18,7 +18,8 @@
 
 Token ids in, token ids out: ``detokenize=False`` and ``RequestOutputKind.DELTA`` (each
 output holds only the tokens of its step). vLLM's own validation (``SamplingParams``
-constructor, e.g. ``top_p`` out of range) raises ``ValueError``: also ``InvalidArgument``.
+constructor, e.g. ``top_p`` out of range) raises ``ValueError`` or ``VLLMClientError``: also
+``InvalidArgument``.
 
 ``logprob_fields(completion)`` turns one delta's ``CompletionOutput.logprobs`` into the
 ``log_probs`` / ``top_logprobs`` fields the frontend reads (docs/wire-protocol.md);
@@ -35,6 +36,7 @@ from typing import Any
 from backend_common import PreprocessedRequest
 from backend_common.errors import invalid_arg
 from vllm import SamplingParams
+from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 __all__ = ["Limits", "logprob_fields", "prompt_logprob_entries", "sampling_params"]
@@ -83,7 +85,7 @@ def _guided(request: PreprocessedRequest, limits: Limits) -> StructuredOutputsPa
             **{k: v for k, v in fields.items() if v is not None},
             whitespace_pattern=guided.whitespace_pattern,
         )
-    except ValueError as exc:
+    except (ValueError, VLLMClientError) as exc:
         raise invalid_arg(f"guided_decoding: {exc}") from None
 
 
@@ -149,7 +151,7 @@ def sampling_params(request: PreprocessedRequest, limits: Limits) -> SamplingPar
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
         )
-    except ValueError as exc:
+    except (ValueError, VLLMClientError) as exc:
         raise invalid_arg(str(exc)) from None
 
 
