@@ -287,7 +287,10 @@ async def test_logprobs_equal_offline_vllm(stack: Stack, reference: list[dict[st
     assert len(values) == len(expected["logprobs"])
     for got, want in zip(values, expected["logprobs"], strict=True):
         assert abs(got - want) <= LOGPROB_TOLERANCE, (got, want)
-    assert all(len(top) >= LOGPROBS for top in served["top_logprobs"])
+    # OpenAI's top_logprobs are keyed by token text (byte-level pieces may share one), so
+    # fewer keys than LOGPROBS can come back; the sampled (greedy) token is the most likely.
+    for got, top in zip(values, served["top_logprobs"], strict=True):
+        assert top and max(top.values()) <= got + LOGPROB_TOLERANCE, (got, top)
 
 
 # -- guided decoding ------------------------------------------------------------------------
@@ -532,7 +535,7 @@ async def test_engine_core_death_fails_streams_and_the_worker_exits(control_stac
                     control_stack.frontend.base_url,
                     MODEL,
                     "",
-                    max_tokens=300,
+                    max_tokens=CONTEXT - len(PROMPTS[n]) - 1,
                     stream=True,
                     extra={"prompt": PROMPTS[n], "ignore_eos": True},
                 )
@@ -555,7 +558,14 @@ async def test_engine_core_death_fails_streams_and_the_worker_exits(control_stac
     # Every stream ended: finished before the kill, or with an error (none cut silently).
     outcomes = [(r.status, r.finish_reason, r.error) for r in results]
     assert finished + failed == len(results), outcomes
-    assert "EngineShutdown" in worker.log_tail(20000) or failed == 0
+    errors = [r.error for r in results if not r.ok]
+    print(f"engine-core death: clients saw {errors}")
+    # The worker's typed EngineShutdown ("the vLLM engine core died") or, for a stream that
+    # had not reached the worker's response yet, the frontend's own error: never a silent end.
+    assert all(errors), errors
+    log = worker.log_tail(20000)
+    # Out of discovery before the exit.
+    assert "Endpoint unregistered from discovery" in log, log
     # Out of discovery: the router sends everything to the other worker, which serves it.
     for prompt in PROMPTS[:4]:
         result, ids = await complete_ids(control_stack, prompt)
