@@ -61,8 +61,11 @@ def engine_args_from(
     args: argparse.Namespace, model_path: str, *, kv_events_endpoint: str | None
 ) -> AsyncEngineArgs:
     """``AsyncEngineArgs`` of the parsed flags, with Dynamo's defaults (see the module)."""
-    engine_args = AsyncEngineArgs.from_cli_args(args)
-    engine_args.model = model_path
+    # The model the worker resolved (``--model-path`` or vLLM's ``--model``), before vLLM
+    # resolves anything: its own default model would be looked up on the hub otherwise.
+    engine_args = AsyncEngineArgs.from_cli_args(
+        argparse.Namespace(**{**vars(args), "model": model_path})
+    )
     if engine_args.enable_prefix_caching is None:
         engine_args.enable_prefix_caching = True
     engine_args.skip_tokenizer_init = False
