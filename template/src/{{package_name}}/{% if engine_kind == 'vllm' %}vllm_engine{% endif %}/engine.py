@@ -11,7 +11,9 @@ Lifecycle (the worker calls each once, docs/contract.md):
   ``max_num_batched_tokens``, data-parallel size, vocabulary size. It then watches the
   engine core (``ENGINE_WATCH_INTERVAL_S``).
 * ``cleanup`` shuts the engine core down exactly once (``AsyncLLM.shutdown``: the core
-  process and its shared memory go with it); later calls do nothing.
+  process exits); later calls do nothing. vLLM 0.31 and 0.32 leave one shared-memory
+  object to Python's resource tracker after some workloads, which unlinks it at exit
+  (it logs "leaked shared_memory objects").
 
 Per request (``generate``): the request becomes ``SamplingParams`` (``sampling.py``:
 exact mapping, typed ``InvalidArgument`` otherwise), the user hook
